@@ -1,0 +1,239 @@
+"""The Editor interface, the edit handle it returns, hyper-parameter files and the registry.
+
+An editor sees a loaded model (model, tokenizer, adapter), the cases and its hyper-parameters. It returns an ``Edit``
+saying what it changed, so the run can undo it: a weight snapshot for editors that change weights, a callable for
+editors that add something instead (a memory module hooked into a layer, like GRACE) and a prompt prefix for
+in-context editors (IKE). It never reads pytest options or writes reports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import yaml
+
+from ..data.case import EditCase
+from ..models.loading import LoadedModel
+from ..models.snapshot import WeightSnapshot
+
+ENTRY_POINT_GROUP = "harness.editors"
+HPARAMS_DIR = Path(__file__).parent / "hparams"
+
+
+class UnknownEditorError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; a usage error should read plainly
+        return str(self.args[0])
+
+
+class HparamsError(ValueError):
+    pass
+
+
+@dataclass
+class Edit:
+    """What one ``Editor.apply`` call changed, and how to take it back."""
+
+    editor: str
+    case_ids: list[str]
+    snapshot: WeightSnapshot | None = None          # weights as they were before this edit
+    undo: Callable[[], None] | None = None          # for editors that add hooks/modules instead
+    prompt_prefix: str = ""                         # for in-context editors: prepended to every scored prompt
+    info: dict[str, Any] = field(default_factory=dict)  # diagnostics (losses, norms), JSON-serialisable
+    seconds: float = 0.0
+
+    @property
+    def changed_parameters(self) -> list[str]:
+        return self.snapshot.names if self.snapshot else []
+
+    def restore(self) -> None:
+        """Undo this edit (bit-exact for weights). Undo several edits in reverse order."""
+        if self.snapshot is not None:
+            self.snapshot.restore()
+        if self.undo is not None:
+            self.undo()
+
+
+class Editor:
+    """Base class. Subclasses set ``name``, ``Hparams`` (a dataclass) and implement ``edited_parameters`` and
+    ``execute``; editors that do not change weights override ``apply`` instead.
+
+    State that lives across edits (accumulated keys, running sums, cached context templates) is held by the
+    instance and cleared by ``reset()``; the run calls ``reset()`` whenever it restores the model.
+    """
+
+    name: ClassVar[str] = "base"
+    Hparams: ClassVar[type] = dict
+    supports_batch: ClassVar[bool] = False
+
+    def __init__(self, hparams: Any, *, stats: Any = None):
+        self.hparams = hparams
+        self.stats = stats  # a harness.stats.LayerStats (second moments of keys), or None
+
+    # --- to implement ----------------------------------------------------------------------------------
+    def edited_parameters(self, lm: LoadedModel) -> list[str]:
+        raise NotImplementedError
+
+    def execute(self, lm: LoadedModel, cases: Sequence[EditCase]) -> dict[str, Any]:
+        """Change the model in place; return diagnostics."""
+        raise NotImplementedError
+
+    # --- provided ------------------------------------------------------------------------------------
+    def apply(self, lm: LoadedModel, cases: Sequence[EditCase]) -> Edit:
+        if len(cases) > 1 and not self.supports_batch:
+            raise ValueError(f"editor {self.name!r} edits one case at a time; use --batch-size 1")
+        snapshot = WeightSnapshot(lm.model, self.edited_parameters(lm))
+        t0 = time.perf_counter()
+        try:
+            info = self.execute(lm, cases) or {}
+        except BaseException:
+            snapshot.restore()   # a failed edit leaves no trace in the model
+            raise
+        return Edit(self.name, [c.case_id for c in cases], snapshot=snapshot, info=info,
+                    seconds=time.perf_counter() - t0)
+
+    def reset(self) -> None:
+        """Forget state accumulated across edits (called when the model is restored)."""
+
+    def describe(self) -> dict[str, Any]:
+        hp = dataclasses.asdict(self.hparams) if dataclasses.is_dataclass(self.hparams) else dict(self.hparams)
+        return {"editor": self.name, "hparams": hp}
+
+
+# --- hyper-parameters ----------------------------------------------------------------------------------
+def _coerce(value: Any) -> Any:
+    """A command-line value as YAML (lists, booleans, numbers); "1e-3" is a float, not YAML 1.1's string."""
+    if not isinstance(value, str):
+        return value
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):
+        try:
+            return float(parsed)
+        except ValueError:
+            return parsed
+    return parsed
+
+
+def load_hparams(editor_cls: type[Editor], family: str, overrides: dict[str, Any] | None = None,
+                 n_layers: int | None = None) -> Any:
+    """Hyper-parameters for ``editor_cls`` on a model family: ``hparams/<editor>/<family>.yaml`` (else
+    ``default.yaml``), then ``overrides`` (from ``--hparam``). Layer indices may be negative (from the end)."""
+    folder = HPARAMS_DIR / editor_cls.name
+    values: dict[str, Any] = {}
+    for candidate in (folder / "default.yaml", folder / f"{family}.yaml"):
+        if candidate.exists():
+            values.update(yaml.safe_load(candidate.read_text()) or {})
+    for k, v in (overrides or {}).items():
+        values[k] = _coerce(v)
+    if editor_cls.Hparams is dict:
+        return values
+    known = {f.name for f in dataclasses.fields(editor_cls.Hparams)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise HparamsError(f"editor {editor_cls.name!r} has no hyper-parameter {unknown[0]!r}; "
+                           f"known: {', '.join(sorted(known))}")
+    hp = editor_cls.Hparams(**values)
+    if n_layers is not None:
+        for f in ("layer", "layers"):
+            if hasattr(hp, f):
+                v = getattr(hp, f)
+                setattr(hp, f, [_layer_index(x, n_layers, editor_cls.name) for x in v]
+                        if isinstance(v, (list, tuple)) else _layer_index(v, n_layers, editor_cls.name))
+    return hp
+
+
+def _layer_index(layer: int, n_layers: int, editor: str) -> int:
+    if not -n_layers <= int(layer) < n_layers:
+        raise HparamsError(f"editor {editor!r}: layer {layer} does not exist in a {n_layers}-layer model; "
+                           f"pass --hparam {editor}.layer=N with 0 <= N < {n_layers}")
+    return int(layer) % n_layers
+
+
+def parse_hparam_overrides(items: Sequence[str], editor_cls: type[Editor]) -> dict[str, str]:
+    """``--hparam EDITOR.KEY=VALUE`` (one editor) or ``--hparam KEY=VALUE`` (every editor that has KEY)."""
+    fields = ({f.name for f in dataclasses.fields(editor_cls.Hparams)}
+              if dataclasses.is_dataclass(editor_cls.Hparams) else None)
+    out: dict[str, str] = {}
+    for item in items:
+        key, value = _split_override(item)
+        if "." in key:
+            ed, key = key.split(".", 1)
+            if ed == editor_cls.name:
+                out[key] = value            # unknown keys are reported by load_hparams
+        elif fields is None or key in fields:
+            out[key] = value
+    return out
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise HparamsError(f"--hparam {item!r}: expected KEY=VALUE or EDITOR.KEY=VALUE, e.g. rome.layer=5")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def validate_overrides(items: Sequence[str], editor_names: Sequence[str]) -> None:
+    """Fail early on an override no editor would use (a typo must not pass silently). ``EDITOR.KEY`` is checked
+    against that editor (selected or not); a bare ``KEY`` must belong to at least one selected editor."""
+    def fields(cls: type[Editor]) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls.Hparams)} if dataclasses.is_dataclass(cls.Hparams) else set()
+
+    for item in items:
+        key, _ = _split_override(item)
+        if "." in key:
+            ed, k = key.split(".", 1)
+            cls = registry.get(ed)
+            if dataclasses.is_dataclass(cls.Hparams) and k not in fields(cls):
+                raise HparamsError(f"--hparam {item}: editor {ed!r} has no hyper-parameter {k!r}; "
+                                   f"known: {', '.join(sorted(fields(cls)))}")
+        elif not any(key in fields(registry.get(n)) for n in editor_names):
+            raise HparamsError(f"--hparam {item}: no selected editor has a hyper-parameter {key!r}")
+
+
+# --- registry --------------------------------------------------------------------------------------------
+class EditorRegistry:
+    """Names -> editor classes: the built-in ones plus those third parties declare in the
+    ``harness.editors`` entry-point group (``name = "package.module:EditorClass"``)."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type[Editor]] = {}
+        self._entry_points_loaded = False
+
+    def register(self, cls: type[Editor]) -> type[Editor]:
+        self._classes[cls.name] = cls
+        return cls
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name not in self._classes:
+                self._classes[ep.name] = ep.load()
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._classes)
+
+    def get(self, name: str) -> type[Editor]:
+        self._load_entry_points()
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise UnknownEditorError(
+                f"unknown editor {name!r}; available: {', '.join(self.names())} "
+                f"(third-party editors register in the {ENTRY_POINT_GROUP!r} entry-point group)") from None
+
+
+registry = EditorRegistry()
+register_editor = registry.register
+
+
+def build_editor(name: str, lm: LoadedModel, overrides: Sequence[str] = (), stats: Any = None) -> Editor:
+    """The editor ``name`` with its hyper-parameters for ``lm``'s family and the command-line overrides."""
+    cls = registry.get(name)
+    hp = load_hparams(cls, lm.adapter.family, parse_hparam_overrides(overrides, cls), n_layers=lm.n_layers)
+    return cls(hp, stats=stats)

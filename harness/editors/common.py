@@ -1,0 +1,273 @@
+"""Keys and target values shared by the locate-then-edit editors (ROME, R-ROME, MEMIT, AlphaEdit, D4S).
+
+Notation (ROME paper): at edit layer l the MLP output projection W [d_out, d_in] maps a key k [d_in] (the MLP's
+hidden activation at the subject's last token) to a value v = W k [d_out]. An edit asks W to map the subject's key
+k* to a value v* that makes the model say the new target.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data.case import EditCase
+from ..models.loading import LoadedModel
+
+
+# --- tokenisation -------------------------------------------------------------------------------------
+def encode_target(tok, target: str) -> list[int]:
+    """Token ids of `` target`` as it follows a prompt (leading space, no special tokens)."""
+    return tok(" " + target.strip(), add_special_tokens=False).input_ids
+
+
+def batch_encode(tok, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask, [n, T]."""
+    enc = tok(list(texts), return_tensors="pt", padding=True)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def subject_last_index(tok, template: str, subject: str) -> int:
+    """Index of the subject's last token in ``template.format(subject)`` (ROME's "subject_last" strategy)."""
+    prefix = template[: template.index("{}")] + subject
+    return len(tok(prefix).input_ids) - 1
+
+
+# --- hooks --------------------------------------------------------------------------------------------
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+@contextlib.contextmanager
+def capture_io(module: torch.nn.Module) -> Iterator[dict]:
+    """Record a module's first input and its output on the next forward pass."""
+    store: dict = {}
+
+    def hook(_m, inputs, output):
+        store["input"] = _first(inputs)
+        store["output"] = _first(output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def add_at_positions(module: torch.nn.Module, delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+    """Add ``delta`` [d] to ``module``'s output at (row, col) positions; ``info["init"]`` keeps the first
+    clean output vector there (v at the unprefixed prompt)."""
+    info: dict = {}
+
+    def hook(_m, _inputs, output):
+        out = _first(output)
+        if "init" not in info:
+            info["init"] = out[rows[0], cols[0]].detach().clone()
+        out = out.clone()
+        out[rows, cols] = out[rows, cols] + delta.to(out.dtype)
+        return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield info
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def module_io_at(lm: LoadedModel, module_name: str, texts: Sequence[str], positions: Sequence[int],
+                 batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's input and output vectors at one token position per text: ([n, d_in], [n, d_out])."""
+    module = lm.model.get_submodule(module_name)
+    ins, outs = [], []
+    for s in range(0, len(texts), batch_size):
+        ids, mask = batch_encode(lm.tokenizer, texts[s:s + batch_size], lm.device)
+        pos = torch.tensor(positions[s:s + batch_size], device=ids.device)
+        rows = torch.arange(len(pos), device=ids.device)
+        with capture_io(module) as io:
+            lm.model(input_ids=ids, attention_mask=mask)
+        ins.append(io["input"][rows, pos].float())
+        outs.append(io["output"][rows, pos].float())
+    return torch.cat(ins), torch.cat(outs)
+
+
+# --- context templates --------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_context_templates(lm: LoadedModel, length_params: Sequence[Sequence[int]],
+                               seed_prompts: Sequence[str], seed: int = 0, top_k: int = 5) -> list[str]:
+    """``["{}"]`` plus model-generated prefixes ``"<text>. {}"`` (ROME: n samples of each length, top-k sampling).
+
+    Sampling uses a private RNG state (``fork_rng``), so the templates are reproducible and the global RNG is
+    untouched."""
+    tok, model = lm.tokenizer, lm.model
+    templates = ["{}"]
+    with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for length, n_gen in length_params:
+            prompts = [seed_prompts[i % len(seed_prompts)] for i in range(n_gen)]
+            enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(lm.device)
+            out = model.generate(**enc, do_sample=True, top_k=top_k, max_new_tokens=length,
+                                 pad_token_id=tok.pad_token_id)
+            for text in tok.batch_decode(out, skip_special_tokens=True):
+                text = text.replace("{", " ").replace("}", " ").strip()
+                templates.append(text + ". {}")
+    return templates
+
+
+def prompts_in_templates(case: EditCase, templates: Sequence[str]) -> list[str]:
+    """Each context template wrapped around the case's prompt template (still holding "{}" for the subject)."""
+    return [t.replace("{}", case.prompt) if t != "{}" else case.prompt for t in templates]
+
+
+def average_key(lm: LoadedModel, layer: int, case: EditCase, templates: Sequence[str]) -> torch.Tensor:
+    """k*: the key [d_in] at the subject's last token, averaged over context templates (ROME eq. 3)."""
+    filled = prompts_in_templates(case, templates)
+    texts = [p.format(case.subject) for p in filled]
+    idxs = [subject_last_index(lm.tokenizer, p, case.subject) for p in filled]
+    keys, _ = module_io_at(lm, lm.adapter.mlp_name(layer), texts, idxs)
+    return keys.mean(0)
+
+
+def plain_key_value(lm: LoadedModel, layer: int, case: EditCase) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value at the subject's last token of the bare prompt (no context prefix): ([d_in], [d_out])."""
+    idx = subject_last_index(lm.tokenizer, case.prompt, case.subject)
+    k, v = module_io_at(lm, lm.adapter.mlp_name(layer), [case.rewrite_prompt], [idx])
+    return k[0], v[0]
+
+
+# --- target values --------------------------------------------------------------------------------------
+@dataclass
+class ValueOpt:
+    """Hyper-parameters of the v* optimisation (ROME's compute_v / MEMIT's compute_z)."""
+
+    steps: int = 20
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 5e-2
+
+
+def _split_at_subject(tok, texts: Sequence[str], lookup: Sequence[int], device):
+    """Split each text at its subject's last token: left-padded prefixes (which the edit cannot influence, the
+    model being causal) and right-padded suffixes starting at the subject's last token.
+
+    Returns prefix ids/mask/positions [n, P], suffix ids/mask/positions [n, S], suffix lengths."""
+    pad = tok.pad_token_id
+    seqs = [tok(t).input_ids for t in texts]
+    P = max(lookup)
+    S = max(len(s) - l for s, l in zip(seqs, lookup))
+    n = len(seqs)
+    pre_ids = torch.full((n, P), pad, dtype=torch.long)
+    pre_mask = torch.zeros((n, P), dtype=torch.long)
+    pre_pos = torch.zeros((n, P), dtype=torch.long)
+    suf_ids = torch.full((n, S), pad, dtype=torch.long)
+    suf_mask = torch.zeros((n, S), dtype=torch.long)
+    suf_pos = torch.zeros((n, S), dtype=torch.long)
+    suf_len = []
+    for i, (s, l) in enumerate(zip(seqs, lookup)):
+        if l:
+            pre_ids[i, P - l:] = torch.tensor(s[:l])
+            pre_mask[i, P - l:] = 1
+            pre_pos[i, P - l:] = torch.arange(l)
+        m = len(s) - l
+        suf_ids[i, :m] = torch.tensor(s[l:])
+        suf_mask[i, :m] = 1
+        suf_pos[i] = torch.arange(l, l + S)
+        suf_len.append(m)
+    to = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    return (*to(pre_ids, pre_mask, pre_pos), *to(suf_ids, suf_mask, suf_pos), suf_len)
+
+
+def _drop_suffix(cache, n: int) -> None:
+    """Return a KV cache to its prefix: remove the last ``n`` positions and cut them from this step's graph."""
+    cache.crop(-n)
+    for layer in getattr(cache, "layers", ()):              # transformers >= 4.56 layout
+        layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+    for attr in ("key_cache", "value_cache"):               # older layout
+        if isinstance(getattr(cache, attr, None), list):
+            setattr(cache, attr, [x.detach() for x in getattr(cache, attr)])
+
+
+def optimize_value(lm: LoadedModel, case: EditCase, module_name: str, templates: Sequence[str],
+                   opt: ValueOpt) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """v* = v + delta, where delta [d] added to ``module_name``'s output at the subject's last token makes the
+    model predict ``target_new`` after every context template, while a KL term keeps the model's view of the
+    subject ("{subject} is a") unchanged and weight decay keeps delta small (ROME section 3.1, eq. 4).
+
+    Exactly the reference computation, made cheaper: tokens before the subject's last token never see delta
+    (causal attention), so their keys/values are computed once and each step runs only the suffix.
+
+    Returns (v* [d], v_init [d] at the bare prompt, diagnostics)."""
+    tok, model = lm.tokenizer, lm.model
+    target = encode_target(tok, case.target_new)                              # [t]
+    t = len(target)
+    rewriting = [p + tok.decode(target[:-1]) for p in prompts_in_templates(case, templates)]
+    kl_prompts = ["{} is a"]
+    all_templates = rewriting + kl_prompts
+    n_rw, n = len(rewriting), len(all_templates)
+    texts = [p.format(case.subject) for p in all_templates]
+    lookup = [subject_last_index(tok, p, case.subject) for p in all_templates]
+    pre_ids, pre_mask, pre_pos, suf_ids, suf_mask, suf_pos, suf_len = _split_at_subject(tok, texts, lookup, lm.device)
+    full_mask = torch.cat([pre_mask, suf_mask], dim=1)                        # [n, P + S]
+    P = pre_ids.shape[1]
+
+    head, body = model.get_output_embeddings(), model.base_model
+    cache = None
+    if P:
+        with torch.no_grad():
+            cache = body(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos,
+                         use_cache=True).past_key_values
+
+    # in suffix coordinates the subject's last token is column 0; target token j of rewriting prompt i is
+    # predicted at column suf_len[i] - t - 1 + j
+    dev = lm.device
+    tgt_rows = torch.arange(n_rw, device=dev).repeat_interleave(t)
+    tgt_cols = torch.tensor([suf_len[i] - t - 1 + j for i in range(n_rw) for j in range(t)], device=dev)
+    tgt_ids = torch.tensor(target, device=dev).repeat(n_rw)
+    kl_rows = torch.arange(n_rw, n, device=dev)
+    kl_cols = torch.zeros(n - n_rw, dtype=torch.long, device=dev)
+    all_rows, col0 = torch.arange(n, device=dev), torch.zeros(n, dtype=torch.long, device=dev)
+
+    module = model.get_submodule(module_name)
+    delta = init_kl = optimizer = None
+    losses = []
+    for it in range(opt.steps):
+        if delta is None:   # created once the module's output width is known (the first forward pass)
+            with torch.no_grad(), capture_io(module) as io:
+                body(input_ids=suf_ids[:1, :1], position_ids=suf_pos[:1, :1])
+            delta = torch.zeros(io["output"].shape[-1], device=dev, dtype=torch.float32, requires_grad=True)
+            optimizer = torch.optim.Adam([delta], lr=opt.lr)
+        with add_at_positions(module, delta, all_rows, col0) as info:
+            hidden = body(input_ids=suf_ids, attention_mask=full_mask, position_ids=suf_pos,
+                          past_key_values=cache, use_cache=cache is not None).last_hidden_state  # [n, S, d_model]
+        if cache is not None:
+            _drop_suffix(cache, suf_ids.shape[1])
+        # logits only where needed (target and KL positions), never [n, S, V]
+        logp = F.log_softmax(head(hidden[tgt_rows, tgt_cols]).float(), dim=-1)   # [n_rw * t, V]
+        nll = -logp.gather(1, tgt_ids[:, None]).squeeze(1)
+        nll_loss = nll.view(n_rw, t).sum(1).div(t).mean()
+        kl_logp = F.log_softmax(head(hidden[kl_rows, kl_cols]).float(), dim=-1)
+        if init_kl is None:
+            init_kl = kl_logp.detach().clone()
+        kl_loss = opt.kl_factor * F.kl_div(init_kl, kl_logp, log_target=True, reduction="batchmean")
+        v_init = info["init"].float()           # the clean value at the bare prompt (row 0 is the "{}" template)
+        wd = opt.weight_decay * (delta.norm() / v_init.norm() ** 2)
+        loss = nll_loss + kl_loss + wd
+        losses.append(round(loss.item(), 4))
+        if loss.item() < opt.early_stop_loss or it == opt.steps - 1:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():                   # keep ||delta|| <= clamp * ||v||
+            max_norm = opt.clamp_norm_factor * v_init.norm()
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    v_star = (v_init + delta).detach()
+    info = {"v_loss": losses, "v_steps": len(losses), "delta_norm": delta.norm().item(),
+            "v_init_norm": v_init.norm().item()}
+    return v_star, v_init.detach(), info

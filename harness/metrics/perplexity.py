@@ -1,0 +1,71 @@
+"""Perplexity on general text: the cheap surrogate for collapse (Yang et al., 2024, "The Butterfly Effect of
+Model Editing").
+
+Protocol "me-ppl": per-sentence perplexity exp(mean NLL over the sentence's predicted tokens), then the mean over
+sentences (the collapse paper's ME-PPL code; tokenizer defaults, so no BOS for models whose tokenizer adds none).
+Also "token-weighted": exp(total NLL / total predicted tokens). Full-vocabulary logits are computed for at most
+``chunk`` positions at a time, so long texts never hold a [T, V] matrix.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+PROTOCOLS = {"ppl": "me-ppl (mean of per-sentence perplexity)", "ppl_token": "token-weighted perplexity"}
+
+
+@dataclass
+class PerplexityResult:
+    mean_ppl: float                 # mean over sentences of per-sentence perplexity (ME-PPL)
+    token_ppl: float                # exp(total NLL / total tokens)
+    per_text: list[float]          # in input order, texts under two tokens left out
+    n_tokens: int
+
+
+@torch.no_grad()
+def perplexity(model, tok, texts: Sequence[str], *, max_tokens_per_batch: int = 4096, max_len: int = 1024,
+               chunk: int = 1024) -> PerplexityResult:
+    head, body = model.get_output_embeddings(), model.base_model
+    device = next(model.parameters()).device
+    encoded = [tok(t).input_ids[:max_len] for t in texts]
+    order = sorted((i for i in range(len(encoded)) if len(encoded[i]) >= 2), key=lambda i: len(encoded[i]))
+    if not order:
+        raise ValueError("perplexity needs texts of at least two tokens")
+    nll_sum = [0.0] * len(encoded)
+    pad = tok.pad_token_id
+    s = 0
+    while s < len(order):
+        # batch by token budget: similar lengths together (sorted), little padding
+        e = s + 1
+        while e < len(order) and len(encoded[order[e]]) * (e - s + 1) <= max_tokens_per_batch:
+            e += 1
+        idx = order[s:e]
+        T = len(encoded[idx[-1]])
+        ids = torch.full((len(idx), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
+            mask[r, :len(encoded[i])] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state        # [b, T, d]
+        pred_mask = mask[:, 1:].bool()                                            # positions with a next token
+        h = hidden[:, :-1][pred_mask]                                             # [N, d]
+        gold = ids[:, 1:][pred_mask]                                              # [N]
+        row_of = torch.arange(len(idx), device=device)[:, None].expand_as(pred_mask)[pred_mask]
+        nll = torch.cat([F.cross_entropy(head(h[c:c + chunk]).float(), gold[c:c + chunk], reduction="none")
+                         for c in range(0, len(h), chunk)])
+        sums = torch.zeros(len(idx), device=device, dtype=torch.float64).index_add_(0, row_of, nll.double())
+        for r, i in enumerate(idx):
+            nll_sum[i] = float(sums[r])
+        s = e
+    per_text, total_nll, total_n = [], 0.0, 0
+    for i in sorted(order):                      # input order (texts shorter than two tokens are left out)
+        n = len(encoded[i]) - 1
+        per_text.append(math.exp(nll_sum[i] / n))
+        total_nll += nll_sum[i]
+        total_n += n
+    return PerplexityResult(sum(per_text) / len(per_text), math.exp(total_nll / total_n), per_text, total_n)

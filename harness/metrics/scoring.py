@@ -1,0 +1,73 @@
+"""Batched teacher-forced scoring of targets after prompts: the one forward-pass primitive the metrics share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..editors.common import encode_target
+
+
+@dataclass
+class TargetScore:
+    nll_mean: float        # mean negative log-probability per target token
+    nll_sum: float
+    n_tokens: int
+    token_accuracy: float  # fraction of target tokens that are the argmax under teacher forcing
+
+    @property
+    def prob(self) -> float:
+        """exp(-mean NLL): ROME's per-token-averaged probability."""
+        return float(torch.exp(torch.tensor(-self.nll_mean)))
+
+
+def _head_and_body(model):
+    return model.get_output_embeddings(), model.base_model
+
+
+@torch.no_grad()
+def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], *, prefix: str = "",
+                  batch_size: int = 64) -> list[TargetScore]:
+    """Score ``targets[i]`` after ``prefix + prompts[i]`` in batched forward passes.
+
+    Prompt and target are tokenised separately and concatenated (the target with a leading space), so the target's
+    tokens are the same whatever the prompt. Logits are computed only at the target positions."""
+    assert len(prompts) == len(targets)
+    head, body = _head_and_body(model)
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id
+    seqs, spans = [], []
+    for p, t in zip(prompts, targets):
+        p_ids = tok(prefix + p).input_ids
+        t_ids = encode_target(tok, t)
+        seqs.append(p_ids + t_ids)
+        spans.append((len(p_ids), len(t_ids)))
+    out: list[TargetScore | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        T = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        rows, cols, gold = [], [], []
+        for r, i in enumerate(idx):
+            ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, :len(seqs[i])] = 1
+            start, n = spans[i]
+            for j in range(n):
+                rows.append(r)
+                cols.append(start - 1 + j)       # the position that predicts target token j
+                gold.append(seqs[i][start + j])
+        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        logits = head(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
+        gold_t = torch.tensor(gold, device=device)
+        nll = F.cross_entropy(logits, gold_t, reduction="none")
+        hit = (logits.argmax(-1) == gold_t).float()
+        k = 0
+        for i in idx:
+            n = spans[i][1]
+            out[i] = TargetScore(float(nll[k:k + n].mean()), float(nll[k:k + n].sum()), n, float(hit[k:k + n].mean()))
+            k += n
+    return out  # type: ignore[return-value]

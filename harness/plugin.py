@@ -1,0 +1,234 @@
+"""The pytest plugin: options, fixtures and hooks. Thin: it builds a HarnessSession and a BenchmarkRun and hands
+everything to them. Registered through the ``pytest11`` entry point (``knowedit_harness``)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from .run import BenchmarkRun, Record, Thresholds
+from .session import HarnessSession, Options
+from .timing import PhaseTimer
+
+RECORD_KEY = "harness_record"
+_SESSION = pytest.StashKey[HarnessSession]()
+_RUN = pytest.StashKey[BenchmarkRun]()
+_RECORD = pytest.StashKey[Record]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("harness", "knowledge-editing benchmark")
+    g.addoption("--editor", action="append", default=None, metavar="NAME",
+                help="editor to benchmark (repeatable); default: rome, memit, ft")
+    g.addoption("--model", default=os.environ.get("HARNESS_MODEL", "smollm2-135m"),
+                help="hub id, local directory, .gguf file, or smollm2-135m (the embedded default)")
+    g.addoption("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.addoption("--dtype", default="float32", help="float32, bfloat16 or float16")
+    g.addoption("--device-map", default=None, help="accelerate device_map for models larger than one GPU (e.g. auto)")
+    g.addoption("--arch-override", default=None,
+                help="module names for an unknown architecture: 'layers=...{},mlp_out=...{},attn_out=...{},embed=...'")
+    g.addoption("--trust-remote-code", action="store_true", default=False)
+    g.addoption("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
+                help="folder with the benchmark data (counterfact/, zsre/, collapse/, corpus/); env HARNESS_DATA_DIR")
+    g.addoption("--dataset", default="builtin", help="builtin, builtin-hard, counterfact, zsre, ... or a file")
+    g.addoption("--cases", type=int, default=None, help="number of cases (default: harness_cases ini, 12)")
+    g.addoption("--skip-invalid", action="store_true", default=False, help="skip malformed records instead of failing")
+    g.addoption("--ppl-corpus", default="auto", help="perplexity texts: auto (ME-PPL_50 with a data dir, else builtin)")
+    g.addoption("--ppl-texts", type=int, default=50, help="number of perplexity texts")
+    g.addoption("--stats-corpus", default="auto", help="text for key statistics: auto (WikiText with a data dir)")
+    g.addoption("--stats-tokens", type=int, default=100_000, help="tokens for key second-moment statistics")
+    g.addoption("--cache-dir", default=None, help="cache for de-quantized models and statistics (env HARNESS_CACHE_DIR)")
+    g.addoption("--hparam", action="append", default=[], metavar="[EDITOR.]KEY=VALUE",
+                help="override a hyper-parameter, e.g. --hparam rome.layer=6")
+    g.addoption("--collapse-ratio", type=float, default=None,
+                help="perplexity ratio counted as collapse (default: harness_collapse_ratio ini, 2.0)")
+    g.addoption("--min-efficacy", type=float, default=None, help="minimum efficacy success of an edit (default 1.0)")
+    g.addoption("--report-dir", default="reports", help="where the run JSON and HTML report go")
+    g.addoption("--no-report", action="store_true", default=False, help="write no run JSON / HTML")
+    parser.addini("harness_collapse_ratio", "perplexity ratio counted as collapse", default="2.0")
+    parser.addini("harness_min_efficacy", "minimum efficacy success of a single edit", default="1.0")
+    parser.addini("harness_cases", "default number of cases", default="12")
+
+
+def _thresholds(config: pytest.Config) -> Thresholds:
+    def pick(opt: str, ini: str) -> float:
+        v = config.getoption(opt)
+        return float(v if v is not None else config.getini(ini))
+    return Thresholds(collapse_ppl_ratio=pick("collapse_ratio", "harness_collapse_ratio"),
+                      min_efficacy=pick("min_efficacy", "harness_min_efficacy"))
+
+
+def _options(config: pytest.Config) -> Options:
+    o = config.getoption
+    cases = o("cases") if o("cases") is not None else int(config.getini("harness_cases"))
+    return Options(editors=o("editor") or ["rome", "memit", "ft"], model=o("model"), device=o("device"),
+                   dtype=o("dtype"), device_map=o("device_map"), arch_override=o("arch_override"),
+                   trust_remote_code=o("trust_remote_code"), data_dir=o("data_dir"), dataset=o("dataset"),
+                   n_cases=cases if cases > 0 else None, skip_invalid=o("skip_invalid"), ppl_corpus=o("ppl_corpus"),
+                   ppl_texts=o("ppl_texts"), stats_corpus=o("stats_corpus"), stats_tokens=o("stats_tokens"),
+                   cache_dir=o("cache_dir"), hparams=o("hparam"),
+                   progress=config.getoption("capture") == "no" or not os.environ.get("CI"))
+
+
+def _xdist_worker(config: pytest.Config) -> dict | None:
+    return getattr(config, "workerinput", None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    worker = _xdist_worker(config)
+    if worker is not None:
+        _pin_worker_device(worker)
+    from .editors import registry  # registers the built-in editors
+    options = _options(config)
+    known = registry.names()
+    for name in options.editors:
+        if name not in known:
+            raise pytest.UsageError(f"--editor {name}: unknown editor; available: {', '.join(known)}")
+    from .editors.base import HparamsError, validate_overrides
+    try:
+        validate_overrides(options.hparams, options.editors)
+    except HparamsError as e:
+        raise pytest.UsageError(str(e)) from None
+    thresholds = _thresholds(config)
+    config.stash[_SESSION] = HarnessSession(options, thresholds)
+    config.stash[_RUN] = BenchmarkRun(config={
+        "editors": options.editors, "model": options.model, "dataset": options.dataset, "n_cases": options.n_cases,
+        "data_dir": options.data_dir, "hparam_overrides": options.hparams, "device": options.device,
+        "dtype": options.dtype}, thresholds=thresholds)
+    config.addinivalue_line("markers", "suite(name): the benchmark suite a test file belongs to (run JSON 'suite')")
+    config.addinivalue_line("markers", "cases(spec): parametrize 'case' with another case set (e.g. builtin-hard)")
+    if worker is None:
+        config.pluginmanager.register(RunCollector(config, config.stash[_RUN]), "harness-run-collector")
+
+
+def _pin_worker_device(worker: dict) -> None:
+    """One GPU per xdist worker (gw0 -> GPU 0, ...); on CPU, split the cores between workers."""
+    idx = int(worker.get("workerid", "gw0")[2:] or 0)
+    n = int(worker.get("workercount", 1))
+    import torch
+    if "CUDA_VISIBLE_DEVICES" not in os.environ and torch.cuda.device_count() > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(idx % torch.cuda.device_count())
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+
+
+# --- parametrisation ------------------------------------------------------------------------------------
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    session = metafunc.config.stash[_SESSION]
+    if "editor_name" in metafunc.fixturenames:
+        metafunc.parametrize("editor_name", session.options.editors, scope="session")
+    if "case" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("cases")
+        spec = marker.args[0] if marker else None
+        cases = session.cases(spec) if spec else session.cases()
+        metafunc.parametrize("case", cases, ids=[c.case_id for c in cases])
+
+
+# --- fixtures --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def harness(request: pytest.FixtureRequest) -> HarnessSession:
+    """The session's shared state: ``harness.lm``, ``harness.stats``, ``harness.base_perplexity()``, ..."""
+    return request.config.stash[_SESSION]
+
+
+@pytest.fixture(scope="session")
+def lm(harness: HarnessSession):
+    """The loaded model (model, tokenizer, adapter), loaded once per session."""
+    return harness.lm
+
+
+@pytest.fixture(scope="session")
+def editor(harness: HarnessSession, editor_name: str):
+    """The editor selected by ``--editor`` (the test is repeated for each)."""
+    return harness.editor(editor_name)
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest, harness: HarnessSession) -> Record:
+    """The test's benchmark record. The suite names itself with ``pytestmark = pytest.mark.suite("name")``."""
+    marker = request.node.get_closest_marker("suite")
+    suite = marker.args[0] if marker else request.node.module.__name__.removeprefix("test_")
+    params = getattr(request.node, "callspec", None)
+    p = params.params if params else {}
+    case = p.get("case")
+    rec = Record(suite, p.get("editor_name"), getattr(case, "case_id", None), PhaseTimer(harness.lm.device),
+                 subject=getattr(case, "subject", None))
+    rec.data["model"] = harness.lm.identity
+    rec.data["machine"] = harness.machine()
+    # the dict is attached now and filled by the test; the call-phase report carries it (also to xdist's controller)
+    request.node.user_properties.append((RECORD_KEY, rec.data))
+    request.node.stash[_RECORD] = rec
+    return rec
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """Close the record (timings, memory) before the call-phase report copies it."""
+    rec = item.stash.get(_RECORD, None)
+    if rec is not None and call.when == "call":
+        rec.finish()
+    return (yield)
+
+
+class RunCollector:
+    """Lives on the controller (or a plain run): turns test reports into run records and writes the run JSON and
+    HTML report at the end. Under xdist the records arrive with the workers' reports."""
+
+    def __init__(self, config: pytest.Config, run: BenchmarkRun):
+        self.config = config
+        self.run = run
+        self.paths: list[Path] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        data = next((v for k, v in report.user_properties if k == RECORD_KEY), None)
+        if data is None:
+            return
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            rec = dict(data)
+            rec["nodeid"] = report.nodeid
+            rec["outcome"] = ("error" if report.when == "setup" and report.failed else report.outcome)
+            rec["message"] = _short_message(report) if report.outcome != "passed" else None
+            self.run.add(rec)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if not self.run.records or self.config.getoption("no_report"):
+            return
+        report_dir = Path(self.config.getoption("report_dir"))
+        if not report_dir.is_absolute():
+            report_dir = Path(self.config.rootpath) / report_dir
+        path = self.run.write(report_dir)
+        self.paths.append(path)
+        try:
+            from .report.html import write_html
+            import json
+            data = json.loads(path.read_text())
+            html = write_html(data, path.with_suffix(".html"))
+            latest = report_dir / "latest.html"
+            latest.write_text(html.read_text())
+            self.paths.append(html)
+        except Exception as e:  # noqa: BLE001 - the JSON is written; a report problem must not lose it
+            self.paths.append(Path(f"(HTML report failed: {e})"))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.run.records:
+            return
+        tr = terminalreporter
+        tr.section("knowledge-editing benchmark")
+        cols = [("efficacy_success", "ES"), ("paraphrase_success", "PS"), ("neighborhood_success", "NS"),
+                ("ppl_ratio", "ppl x"), ("edits_to_collapse", "collapse@")]
+        summary = self.run.summary()
+        tr.write_line(f"{'editor/suite':28} {'n':>4} {'pass':>5} " + " ".join(f"{h:>9}" for _, h in cols)
+                      + f" {'edit s':>8} {'eval s':>8} {'ppl s':>8}")
+        for key, s in summary.items():
+            vals = " ".join(f"{s[k]:9.3f}" if isinstance(s.get(k), float) else f"{'-':>9}" for k, _ in cols)
+            t = " ".join(f"{s.get(f'time_{p}_s', float('nan')):8.2f}" for p in ("edit", "evaluate", "perplexity"))
+            tr.write_line(f"{key:28} {s['n']:>4} {s['passed']:>5} {vals} {t}")
+        for p in self.paths:
+            tr.write_line(f"report: {p}")
+
+
+def _short_message(report: pytest.TestReport) -> str:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2])
+    crash = getattr(report.longrepr, "reprcrash", None)
+    return crash.message.splitlines()[0] if crash is not None else str(report.longrepr).splitlines()[-1]

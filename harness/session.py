@@ -1,0 +1,147 @@
+"""The state one pytest session shares across tests, with a clear owner: the loaded model, its key statistics, the
+base-model perplexity, the editor instances and the cases. Created by the plugin; nothing here knows pytest."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .data import EditCase, default_ppl_corpus, default_stats_corpus, load_cases, load_texts
+from .editors import Edit, Editor, build_editor
+from .metrics import counterfact_metrics, perplexity
+from .metrics.perplexity import PerplexityResult
+from .models import DEFAULT_MODEL, LoadedModel, load_model, param_digest, parse_override
+from .models.loading import default_cache_dir
+from .run import Thresholds, machine_info
+from .stats import LayerStats
+from .timing import PhaseTimer
+
+
+@dataclass
+class Options:
+    """Everything a run can be configured with (the plugin fills it from the command line and ini)."""
+
+    editors: list[str] = field(default_factory=lambda: ["rome", "memit", "ft"])
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "float32"
+    device_map: str | None = None
+    arch_override: str | None = None
+    trust_remote_code: bool = False
+    data_dir: str | None = None
+    dataset: str = "builtin"
+    n_cases: int | None = 12
+    skip_invalid: bool = False
+    ppl_corpus: str = "auto"
+    ppl_texts: int | None = 50
+    stats_corpus: str = "auto"
+    stats_tokens: int = 100_000
+    cache_dir: str | None = None
+    hparams: list[str] = field(default_factory=list)
+    progress: bool = True
+
+
+class HarnessSession:
+    """Lazily loads what tests ask for, once; restores and checks the model after every edit."""
+
+    def __init__(self, options: Options, thresholds: Thresholds | None = None):
+        self.options = options
+        self.thresholds = thresholds or Thresholds()
+        self._lm: LoadedModel | None = None
+        self._stats: LayerStats | None = None
+        self._ppl_base: PerplexityResult | None = None
+        self._ppl_texts: list[str] | None = None
+        self._editors: dict[str, Editor] = {}
+        self._cases: list[EditCase] | None = None
+
+    # --- resources --------------------------------------------------------------------------------------
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.options.cache_dir) if self.options.cache_dir else default_cache_dir()
+
+    @property
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            o = self.options
+            self._lm = load_model(o.model, device=o.device, dtype=o.dtype, device_map=o.device_map,
+                                  cache_dir=self.cache_dir, trust_remote_code=o.trust_remote_code,
+                                  arch_override=parse_override(o.arch_override))
+        return self._lm
+
+    @property
+    def stats(self) -> LayerStats:
+        if self._stats is None:
+            name = self.options.stats_corpus
+            if name == "auto":
+                name = default_stats_corpus(self.options.data_dir)
+            self._stats = LayerStats(self.lm, lambda: load_texts(name, data_dir=self.options.data_dir), name,
+                                     n_tokens=self.options.stats_tokens, cache_dir=self.cache_dir,
+                                     progress=self.options.progress)
+        return self._stats
+
+    def cases(self, spec: str | None = None, limit: int | None = -1) -> list[EditCase]:
+        """The run's cases (``--dataset``, ``--cases``), or another set by name."""
+        if spec is None and self._cases is not None and limit == -1:
+            return self._cases
+        cases = load_cases(spec or self.options.dataset, data_dir=self.options.data_dir,
+                           limit=self.options.n_cases if limit == -1 else limit,
+                           skip_invalid=self.options.skip_invalid)
+        if spec is None and limit == -1:
+            self._cases = cases
+        return cases
+
+    def ppl_corpus_name(self) -> str:
+        name = self.options.ppl_corpus
+        return default_ppl_corpus(self.options.data_dir) if name == "auto" else name
+
+    def ppl_texts(self) -> list[str]:
+        if self._ppl_texts is None:
+            self._ppl_texts = load_texts(self.ppl_corpus_name(), data_dir=self.options.data_dir,
+                                         limit=self.options.ppl_texts)
+        return self._ppl_texts
+
+    def editor(self, name: str) -> Editor:
+        if name not in self._editors:
+            self._editors[name] = build_editor(name, self.lm, self.options.hparams, stats=self.stats)
+        return self._editors[name]
+
+    def machine(self) -> dict[str, Any]:
+        return machine_info(str(self.lm.device), self.lm.identity.get("dtype"))
+
+    # --- measurements ----------------------------------------------------------------------------------
+    def perplexity(self) -> PerplexityResult:
+        lm = self.lm
+        return perplexity(lm.model, lm.tokenizer, self.ppl_texts())
+
+    def base_perplexity(self) -> PerplexityResult:
+        """Perplexity of the unedited model, computed once per session (restores are bit-exact)."""
+        if self._ppl_base is None:
+            self._ppl_base = self.perplexity()
+        return self._ppl_base
+
+    def counterfact(self, case: EditCase, edit: Edit | None = None) -> dict[str, Any]:
+        return counterfact_metrics(self.lm.model, self.lm.tokenizer, case,
+                                   prefix=edit.prompt_prefix if edit else "")
+
+    # --- editing with guaranteed restore --------------------------------------------------------------
+    @contextlib.contextmanager
+    def edited(self, editor: Editor, cases: Sequence[EditCase], timer: PhaseTimer | None = None
+               ) -> Iterator[Edit]:
+        """Apply ``editor`` to ``cases``; on exit restore the model bit-exactly (checked by digest) and reset
+        the editor's accumulated state."""
+        timer = timer or PhaseTimer(self.lm.device)
+        names = editor.edited_parameters(self.lm) if type(editor).apply is Editor.apply else None
+        before = param_digest(self.lm.model, names) if names else None
+        edit = None
+        try:
+            with timer.phase("edit"):
+                edit = editor.apply(self.lm, cases)
+            yield edit
+        finally:
+            with timer.phase("restore"):
+                if edit is not None:
+                    edit.restore()
+                editor.reset()
+            if before is not None and param_digest(self.lm.model, names) != before:
+                raise RuntimeError(f"restore after {editor.name} was not bit-exact for {names}")

@@ -1,0 +1,149 @@
+"""Second-moment statistics C = E[k k^T] of a layer's keys (the MLP output projection's input), with a disk cache.
+
+ROME and MEMIT whiten their updates with C, estimated on general text (ROME: Wikipedia; here WikiText-2 from the
+data dir, or the built-in passages). Computing it is the slowest step of a first run, so results are cached on disk,
+keyed by model fingerprint, module, corpus, token count and dtype, and loaded with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .models.loading import LoadedModel
+
+
+class _Stop(Exception):
+    """Raised from a hook once the deepest needed layer has run: the rest of the forward pass is skipped."""
+
+
+class LayerStats:
+    """Owner of second-moment matrices for one model. Hold one per loaded model; ``clear()`` drops memory.
+
+    ``texts`` is a callable returning the corpus (so it is read only when a statistic is missing)."""
+
+    def __init__(self, lm: LoadedModel, texts: Callable[[], Sequence[str]], corpus_name: str, n_tokens: int = 100_000,
+                 cache_dir: Path | None = None, seq_len: int = 256, batch_size: int = 16, progress: bool = True):
+        self.lm = lm
+        self._texts = texts
+        self.corpus_name = corpus_name
+        self.n_tokens = int(n_tokens)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.progress = progress
+        self._mem: dict[int, torch.Tensor] = {}
+        self.last_compute_seconds: float | None = None
+
+    def clear(self) -> None:
+        self._mem.clear()
+
+    def path(self, layer: int) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        ident = self.lm.identity
+        corpus = hashlib.sha1(self.corpus_name.encode()).hexdigest()[:8]
+        name = f"{self.lm.adapter.mlp_name(layer)}__{corpus}__{self.n_tokens}__{ident['dtype']}.pt"
+        return self.cache_dir / "stats" / ident["fingerprint"] / name
+
+    def second_moment(self, layer: int) -> torch.Tensor:
+        """C for ``layer``: [d_in, d_in], float32, on the layer's device."""
+        return self.second_moments([layer])[layer]
+
+    def second_moments(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """C for several layers; missing ones are computed together in one pass over the corpus."""
+        missing = []
+        for layer in layers:
+            if layer in self._mem:
+                continue
+            p = self.path(layer)
+            if p is not None and p.exists():
+                saved = torch.load(p, weights_only=True, map_location="cpu")
+                self._mem[layer] = saved["mom2"]
+            else:
+                missing.append(layer)
+        if missing:
+            import time
+            t0 = time.perf_counter()
+            computed = self._compute(missing)
+            self.last_compute_seconds = time.perf_counter() - t0
+            for layer, (mom2, count) in computed.items():
+                self._mem[layer] = mom2
+                p = self.path(layer)
+                if p is not None:
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = p.with_suffix(".tmp")
+                    torch.save({"mom2": mom2, "count": count, "corpus": self.corpus_name}, tmp)
+                    tmp.replace(p)
+        dev = self.lm.adapter.mlp_weight(self.lm.model, layers[0]).device
+        return {layer: self._mem[layer].to(dev) for layer in layers}
+
+    def _chunks(self) -> list[list[int]]:
+        """Token windows of at most ``seq_len`` from the corpus, up to ``n_tokens`` in all."""
+        tok = self.lm.tokenizer
+        out, total = [], 0
+        for text in self._texts():
+            ids = tok(text).input_ids
+            for s in range(0, len(ids), self.seq_len):
+                piece = ids[s:s + self.seq_len]
+                if len(piece) < 2:
+                    continue
+                piece = piece[: self.n_tokens - total]
+                out.append(piece)
+                total += len(piece)
+                if total >= self.n_tokens:
+                    return out
+        return out
+
+    @torch.no_grad()
+    def _compute(self, layers: Sequence[int]) -> dict[int, tuple[torch.Tensor, int]]:
+        lm = self.lm
+        chunks = sorted(self._chunks(), key=len, reverse=True)  # similar lengths together: little padding
+        if not chunks:
+            raise ValueError(f"corpus {self.corpus_name!r} is empty: no text to estimate key statistics from")
+        sums: dict[int, torch.Tensor] = {}
+        count = 0
+        deepest = max(layers)
+        current_mask: dict = {}
+
+        def make_hook(layer):
+            def hook(_m, inputs, _out):
+                k = inputs[0]                                   # [b, T, d_in]
+                m = current_mask["mask"].bool()
+                keys = k[m].double()                            # [tokens, d_in]
+                sums[layer] = sums.get(layer, 0) + keys.T @ keys
+                if layer == deepest:
+                    raise _Stop
+            return hook
+
+        handles = [lm.adapter.module(lm.model, lm.adapter.mlp_name(layer)).register_forward_hook(make_hook(layer))
+                   for layer in layers]
+        pad = lm.tokenizer.pad_token_id
+        try:
+            bar = tqdm(total=sum(map(len, chunks)), desc=f"key statistics L{','.join(map(str, layers))}",
+                       unit="tok", disable=not self.progress, leave=False)
+            for s in range(0, len(chunks), self.batch_size):
+                batch = chunks[s:s + self.batch_size]
+                T = max(map(len, batch))
+                ids = torch.full((len(batch), T), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), T), dtype=torch.long)
+                for i, c in enumerate(batch):
+                    ids[i, :len(c)] = torch.tensor(c)
+                    mask[i, :len(c)] = 1
+                ids, mask = ids.to(lm.device), mask.to(lm.device)
+                current_mask["mask"] = mask
+                try:
+                    lm.model(input_ids=ids, attention_mask=mask)
+                except _Stop:
+                    pass
+                n = int(mask.sum())
+                count += n
+                bar.update(n)
+            bar.close()
+        finally:
+            for h in handles:
+                h.remove()
+        return {layer: ((sums[layer] / count).float().cpu(), count) for layer in layers}

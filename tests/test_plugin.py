@@ -1,0 +1,75 @@
+"""The pytest plugin end to end on a tiny model saved to disk: the real single-edit suite runs, the run JSON holds
+the promised fields, and bad options are usage errors naming the fix."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+SUITES = Path(__file__).resolve().parents[1] / "suites"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny_llama, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama.model.save_pretrained(d)
+    tiny_llama.tokenizer.save_pretrained(d)
+    return d
+
+
+def _run(pytester, tiny_model_dir, *extra):
+    return pytester.runpytest_subprocess(
+        str(SUITES / "test_single_edit.py"), "--model", str(tiny_model_dir), "--device", "cpu",
+        "--cache-dir", str(pytester.path / "cache"), "--report-dir", str(pytester.path / "reports"),
+        "--stats-tokens", "2000", "--ppl-texts", "8", "--cases", "2", "-p", "no:cacheprovider",
+        "--hparam", "rome.layer=1", "--hparam", "memit.layers=[1,2]", "--hparam", "ft.layer=1",
+        "--hparam", "v_num_grad_steps=4", "--hparam", "context_template_length_params=[[3,2]]", *extra)
+
+
+def test_single_edit_suite_writes_run_json(pytester, tiny_model_dir):
+    result = _run(pytester, tiny_model_dir, "--editor", "rome", "--editor", "ft",
+                  "--min-efficacy", "0", "--collapse-ratio", "1e6")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*knowledge-editing benchmark*", "editor/suite *", "report: *run-*.json"])
+    assert {"rome", "ft"} <= {line.split()[0] for line in result.stdout.lines if line.startswith(("rome ", "ft "))}
+    run = json.loads((pytester.path / "reports" / "latest.json").read_text())
+    assert run["schema_version"] == 1 and run["model"]["family"] == "llama"
+    assert {"hostname", "torch", "device"} <= set(run["machine"])
+    assert run["config"]["thresholds"]["collapse_ppl_ratio"] == 1e6
+    assert len(run["records"]) == 4
+    for r in run["records"]:
+        assert r["suite"] == "single_edit" and r["editor"] in ("rome", "ft") and r["outcome"] == "passed"
+        for k in ("efficacy_success", "paraphrase_success", "neighborhood_success", "ppl_before", "ppl_after",
+                  "ppl_ratio"):
+            assert isinstance(r["metrics"][k], float), k
+        assert {"edit", "evaluate", "perplexity", "restore"} <= set(r["timings"])
+        assert "peak_rss_mb" in r["memory"] and "efficacy_success" in r["protocols"]
+    assert (pytester.path / "reports" / "latest.html").exists()
+
+
+def test_threshold_failure_names_metric_value_and_threshold(pytester, tiny_model_dir):
+    result = _run(pytester, tiny_model_dir, "--editor", "rome", "--collapse-ratio", "0.5", "--cases", "1")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*ppl_ratio=* >= collapse threshold 0.5*"])
+    run = json.loads((pytester.path / "reports" / "latest.json").read_text())
+    assert run["records"][0]["outcome"] == "failed" and "collapse threshold" in run["records"][0]["message"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--editor", "nope"], "--editor nope: unknown editor; available: *"),
+    (["--editor", "rome", "--hparam", "rome.lyer=3"], "*no hyper-parameter 'lyer'*"),
+    (["--editor", "rome", "--hparam", "nosuchkey=3"], "*no selected editor has a hyper-parameter 'nosuchkey'*"),
+])
+def test_usage_errors(pytester, tiny_model_dir, args, message):
+    result = _run(pytester, tiny_model_dir, *args)
+    assert result.ret != 0
+    result.stderr.fnmatch_lines([f"*{message}"])
+
+
+def test_unknown_model_is_one_clear_error(pytester):
+    result = pytester.runpytest_subprocess(str(SUITES / "test_single_edit.py"), "--model", "/no/such/dir",
+                                           "--editor", "rome", "-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*not a model directory*"])
