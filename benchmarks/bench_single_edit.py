@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--hparam", action="append", default=[])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--per-case", action="store_true", help="print one line per case")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,6 +67,11 @@ def main() -> None:
                     ppl = h.perplexity()
             for k in per:
                 per[k].append(timer.seconds[k])
+            if args.per_case:
+                print(f"  {name} {case.case_id} {case.subject!r}: ES {post['efficacy_success']:.0f} "
+                      f"PS {post['paraphrase_success']:.2f} NS {post['neighborhood_success']:.2f} "
+                      f"ppl x{ppl.mean_ppl / base.mean_ppl:.3f} edit {timer.seconds['edit']:.1f}s "
+                      f"v_loss {edit.info.get('v_loss', [None])[-1]}", flush=True)
             es.append(post["efficacy_success"]), ps.append(post["paraphrase_success"])
             ns.append(post["neighborhood_success"]), ratio.append(ppl.mean_ppl / base.mean_ppl)
         m = {k: statistics.fmean(v) for k, v in per.items()}

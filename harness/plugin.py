@@ -31,7 +31,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--trust-remote-code", action="store_true", default=False)
     g.addoption("--data-dir", default=os.environ.get("HARNESS_DATA_DIR"),
                 help="folder with the benchmark data (counterfact/, zsre/, collapse/, corpus/); env HARNESS_DATA_DIR")
-    g.addoption("--dataset", default="builtin", help="builtin, builtin-hard, counterfact, zsre, ... or a file")
+    g.addoption("--dataset", default="auto",
+                help="auto (counterfact with a data dir, else builtin), builtin, builtin-hard, counterfact, zsre, "
+                     "counterfact-easyedit, a file, or hf:owner/name")
     g.addoption("--cases", type=int, default=None, help="number of cases (default: harness_cases ini, 12)")
     g.addoption("--skip-invalid", action="store_true", default=False, help="skip malformed records instead of failing")
     g.addoption("--ppl-corpus", default="auto", help="perplexity texts: auto (ME-PPL_50 with a data dir, else builtin)")
@@ -45,6 +47,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="perplexity ratio counted as collapse (default: harness_collapse_ratio ini, 2.0)")
     g.addoption("--min-efficacy", type=float, default=None, help="minimum efficacy success of an edit (default 1.0)")
     g.addoption("--report-dir", default="reports", help="where the run JSON and HTML report go")
+    g.addoption("--seq-edits", type=int, default=10, help="sequential suite: number of edits (default 10)")
+    g.addoption("--batch-size", type=int, default=1, help="sequential suite: edits per editor call (MEMIT, ...)")
+    g.addoption("--ppl-schedule", default="every", help="sequential suite: perplexity after every, every:K or "
+                                                        "geometric edit counts")
+    g.addoption("--resume", action="store_true", default=False,
+                help="sequential suite: continue an interrupted run from its journal in REPORT_DIR/sequential")
+    g.addoption("--hard-dataset", default="builtin-hard",
+                help="HardEdit suite cases: builtin-hard, or a HardEdit-format file (EasyEdit-style records)")
     g.addoption("--no-report", action="store_true", default=False, help="write no run JSON / HTML")
     parser.addini("harness_collapse_ratio", "perplexity ratio counted as collapse", default="2.0")
     parser.addini("harness_min_efficacy", "minimum efficacy success of a single edit", default="1.0")
@@ -67,8 +77,15 @@ def _options(config: pytest.Config) -> Options:
                    trust_remote_code=o("trust_remote_code"), data_dir=o("data_dir"), dataset=o("dataset"),
                    n_cases=cases if cases > 0 else None, skip_invalid=o("skip_invalid"), ppl_corpus=o("ppl_corpus"),
                    ppl_texts=o("ppl_texts"), stats_corpus=o("stats_corpus"), stats_tokens=o("stats_tokens"),
-                   cache_dir=o("cache_dir"), hparams=o("hparam"),
+                   cache_dir=o("cache_dir"), hparams=o("hparam"), report_dir=_report_dir(config),
+                   seq_edits=o("seq_edits"), batch_size=o("batch_size"), ppl_schedule=o("ppl_schedule"),
+                   resume=o("resume"), hard_dataset=o("hard_dataset"),
                    progress=config.getoption("capture") == "no" or not os.environ.get("CI"))
+
+
+def _report_dir(config: pytest.Config) -> str:
+    d = Path(config.getoption("report_dir"))
+    return str(d if d.is_absolute() else Path(config.rootpath) / d)
 
 
 def _xdist_worker(config: pytest.Config) -> dict | None:
@@ -193,9 +210,7 @@ class RunCollector:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if not self.run.records or self.config.getoption("no_report"):
             return
-        report_dir = Path(self.config.getoption("report_dir"))
-        if not report_dir.is_absolute():
-            report_dir = Path(self.config.rootpath) / report_dir
+        report_dir = Path(_report_dir(self.config))
         path = self.run.write(report_dir)
         self.paths.append(path)
         try:

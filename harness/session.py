@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .data import EditCase, default_ppl_corpus, default_stats_corpus, load_cases, load_texts
+from .data import (EditCase, default_ppl_corpus, default_stats_corpus, load_cases, load_texts,
+                   resolve_data_dir)
 from .editors import Edit, Editor, build_editor
 from .metrics import counterfact_metrics, perplexity
 from .metrics.perplexity import PerplexityResult
@@ -30,7 +31,7 @@ class Options:
     arch_override: str | None = None
     trust_remote_code: bool = False
     data_dir: str | None = None
-    dataset: str = "builtin"
+    dataset: str = "auto"          # CounterFact when the data dir has it, else the built-in set
     n_cases: int | None = 12
     skip_invalid: bool = False
     ppl_corpus: str = "auto"
@@ -40,6 +41,12 @@ class Options:
     cache_dir: str | None = None
     hparams: list[str] = field(default_factory=list)
     progress: bool = True
+    report_dir: str = "reports"
+    seq_edits: int = 10             # sequential suite: number of edits
+    batch_size: int = 1             # sequential suite: edits per editor call (MEMIT and successors)
+    ppl_schedule: str = "every"     # sequential suite: every, every:K, geometric
+    resume: bool = False            # sequential suite: continue from the journal of an interrupted run
+    hard_dataset: str = "builtin-hard"
 
 
 class HarnessSession:
@@ -84,12 +91,19 @@ class HarnessSession:
         """The run's cases (``--dataset``, ``--cases``), or another set by name."""
         if spec is None and self._cases is not None and limit == -1:
             return self._cases
-        cases = load_cases(spec or self.options.dataset, data_dir=self.options.data_dir,
+        cases = load_cases(spec or self.dataset_name(), data_dir=self.options.data_dir,
                            limit=self.options.n_cases if limit == -1 else limit,
                            skip_invalid=self.options.skip_invalid)
         if spec is None and limit == -1:
             self._cases = cases
         return cases
+
+    def dataset_name(self) -> str:
+        if self.options.dataset != "auto":
+            return self.options.dataset
+        root = resolve_data_dir(self.options.data_dir)
+        has_cf = root is not None and (root / "counterfact" / "counterfact_rome_sample500.json").is_file()
+        return "counterfact" if has_cf else "builtin"
 
     def ppl_corpus_name(self) -> str:
         name = self.options.ppl_corpus
@@ -104,6 +118,7 @@ class HarnessSession:
     def editor(self, name: str) -> Editor:
         if name not in self._editors:
             self._editors[name] = build_editor(name, self.lm, self.options.hparams, stats=self.stats)
+            self._editors[name].prepare(self.lm)
         return self._editors[name]
 
     def machine(self) -> dict[str, Any]:
@@ -123,6 +138,16 @@ class HarnessSession:
     def counterfact(self, case: EditCase, edit: Edit | None = None) -> dict[str, Any]:
         return counterfact_metrics(self.lm.model, self.lm.tokenizer, case,
                                    prefix=edit.prompt_prefix if edit else "")
+
+    def sequential(self, editor: Editor, cases: Sequence[EditCase], timer: PhaseTimer):
+        """Run ``cases`` as one sequential edit stream (journaled, resumable); the model is restored after."""
+        from .sequential import SequentialRun
+        run = SequentialRun(self.lm, editor, cases, perplexity=lambda: self.perplexity().mean_ppl,
+                            ppl_base=self.base_perplexity().mean_ppl,
+                            journal_dir=Path(self.options.report_dir) / "sequential",
+                            batch_size=self.options.batch_size, ppl_schedule=self.options.ppl_schedule,
+                            resume=self.options.resume, progress=self.options.progress)
+        return run.run(timer)
 
     # --- editing with guaranteed restore --------------------------------------------------------------
     @contextlib.contextmanager

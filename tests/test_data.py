@@ -376,7 +376,7 @@ def test_text_files(tmp_path: Path) -> None:
 
 
 def test_default_corpora(tmp_path: Path) -> None:
-    assert default_ppl_corpus(None) == "builtin" and default_stats_corpus(tmp_path) == "builtin"
+    assert default_ppl_corpus(None) == "builtin-sentences" and default_stats_corpus(tmp_path) == "builtin"
     (tmp_path / "collapse").mkdir()
     write(tmp_path / "collapse" / "ME-PPL_50.json", [{"Corpus": "x", "Text": "t"}])
     assert default_ppl_corpus(tmp_path) == "me-ppl-50"
@@ -417,3 +417,10 @@ def test_real_corpora() -> None:
     wiki = load_texts("wikitext", data_dir=REAL)
     assert len(wiki) > 1000 and not any(p.startswith("=") for p in wiki)
     assert default_ppl_corpus(REAL) == "me-ppl-50" and default_stats_corpus(REAL) == "wikitext"
+
+
+def test_builtin_sentences_are_short_general_texts():
+    texts = load_texts("builtin-sentences")
+    assert len(texts) >= 100
+    words = [len(t.split()) for t in texts[:50]]
+    assert min(words) >= 6 and 10 <= sum(words) / 50 <= 35      # ME-PPL's texts average 22.6 words

@@ -73,3 +73,25 @@ def test_unknown_model_is_one_clear_error(pytester):
                                            "--editor", "rome", "-p", "no:cacheprovider")
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*not a model directory*"])
+
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.slow
+def test_rome_on_the_embedded_model(pytester):
+    """The README's main job in small: ROME on two built-in cases of the embedded model edits and does not
+    collapse it; with the data dir, the same suite runs on CounterFact."""
+    args = [str(SUITES / "test_single_edit.py"), "--editor", "rome", "--cases", "2", "--ppl-texts", "20",
+            "--report-dir", str(pytester.path / "reports"), "-p", "no:cacheprovider"]
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=2)
+    run = json.loads((pytester.path / "reports" / "latest.json").read_text())
+    assert run["model"]["name"] == "smollm2-135m" and run["model"]["n_layers"] == 30
+    assert all(r["metrics"]["efficacy_success"] == 1.0 for r in run["records"])
+    if REAL_DATA.is_dir():
+        result = pytester.runpytest_subprocess(*args[:-2], "--data-dir", str(REAL_DATA), "--cases", "1",
+                                               "--stats-tokens", "20000")
+        result.assert_outcomes(passed=1)
+        run = json.loads((pytester.path / "reports" / "latest.json").read_text())
+        assert run["records"][0]["case_id"] == "20952"      # the first record of the CounterFact sample

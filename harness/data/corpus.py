@@ -21,7 +21,21 @@ _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 
 def corpus_names() -> list[str]:
     """Named corpora accepted by :func:`load_texts` (besides .txt/.json/.jsonl paths)."""
-    return ["builtin", *NAMED_CORPORA]
+    return ["builtin", "builtin-sentences", *NAMED_CORPORA]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+
+def builtin_sentences() -> list[str]:
+    """The built-in passages cut into sentences of at least six words: short general texts like ME-PPL's
+    (mean 22 words), taken round-robin across passages so any prefix of the list mixes genres."""
+    per_passage = [[s for s in _SENTENCE_END.split(p) if len(s.split()) >= 6]
+                   for p in _read_file(BUILTIN_DIR / "passages.json")]
+    out: list[str] = []
+    for i in range(max(map(len, per_passage))):
+        out += [sents[i] for sents in per_passage if i < len(sents)]
+    return out
 
 
 def split_paragraphs(text: str) -> list[str]:
@@ -73,6 +87,8 @@ def load_texts(spec: str, *, data_dir: str | os.PathLike[str] | None = None, lim
         raise DataError(f"limit must be >= 0, got {limit}")
     if spec == "builtin":
         texts = _read_file(BUILTIN_DIR / "passages.json")
+    elif spec == "builtin-sentences":
+        texts = builtin_sentences()
     elif spec in NAMED_CORPORA:
         rel = NAMED_CORPORA[spec]
         root = resolve_data_dir(data_dir)
@@ -99,8 +115,8 @@ def _has(data_dir: str | os.PathLike[str] | None, spec: str) -> bool:
 
 
 def default_ppl_corpus(data_dir: str | os.PathLike[str] | None = None) -> str:
-    """'me-ppl-50' when the data dir holds it, else 'builtin'."""
-    return "me-ppl-50" if _has(data_dir, "me-ppl-50") else "builtin"
+    """'me-ppl-50' when the data dir holds it, else 'builtin-sentences' (short texts, like ME-PPL's)."""
+    return "me-ppl-50" if _has(data_dir, "me-ppl-50") else "builtin-sentences"
 
 
 def default_stats_corpus(data_dir: str | os.PathLike[str] | None = None) -> str:

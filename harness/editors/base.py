@@ -95,8 +95,19 @@ class Editor:
         return Edit(self.name, [c.case_id for c in cases], snapshot=snapshot, info=info,
                     seconds=time.perf_counter() - t0)
 
+    def prepare(self, lm: LoadedModel) -> None:
+        """Work that must see the unedited model (e.g. generating context templates); called before the first
+        edit and before a sequential run replays a checkpoint. Idempotent."""
+
     def reset(self) -> None:
         """Forget state accumulated across edits (called when the model is restored)."""
+
+    def state(self) -> dict[str, Any]:
+        """State accumulated across edits, as tensors/plain values (saved with a sequential run's checkpoint)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``state()`` returned (resuming a sequential run)."""
 
     def describe(self) -> dict[str, Any]:
         hp = dataclasses.asdict(self.hparams) if dataclasses.is_dataclass(self.hparams) else dict(self.hparams)

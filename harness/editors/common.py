@@ -7,6 +7,7 @@ k* to a value v* that makes the model say the new target.
 from __future__ import annotations
 
 import contextlib
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -98,20 +99,28 @@ def module_io_at(lm: LoadedModel, module_name: str, texts: Sequence[str], positi
 @torch.no_grad()
 def generate_context_templates(lm: LoadedModel, length_params: Sequence[Sequence[int]],
                                seed_prompts: Sequence[str], seed: int = 0, top_k: int = 5) -> list[str]:
-    """``["{}"]`` plus model-generated prefixes ``"<text>. {}"`` (ROME: n samples of each length, top-k sampling).
+    """``["{}"]`` plus model-generated prefixes ``"<text>. {}"``: for each ``(length, n)``, n samples of ``length``
+    tokens in all (seed prompt included), top-k sampling, as ROME's ``generate_fast`` (text NFKD-normalised, blank
+    lines folded, special tokens dropped). ROME seeds with ``<|endoftext|>`` (the tokenizer's EOS stands in when the
+    vocabulary lacks it); MEMIT with "The", "Therefore", "Because", "I", "You".
 
     Sampling uses a private RNG state (``fork_rng``), so the templates are reproducible and the global RNG is
     untouched."""
     tok, model = lm.tokenizer, lm.model
+    vocab = tok.get_vocab()
+    seeds = [s if s != "<|endoftext|>" or s in vocab else (tok.eos_token or tok.bos_token) for s in seed_prompts]
     templates = ["{}"]
     with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for length, n_gen in length_params:
-            prompts = [seed_prompts[i % len(seed_prompts)] for i in range(n_gen)]
-            enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(lm.device)
-            out = model.generate(**enc, do_sample=True, top_k=top_k, max_new_tokens=length,
+            prompts = [seeds[i % len(seeds)] for i in range(n_gen)]
+            enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+            enc = enc.to(lm.device)
+            new = max(1, int(length) - enc.input_ids.shape[1])
+            out = model.generate(**enc, do_sample=True, top_k=top_k, max_new_tokens=new, min_new_tokens=new,
                                  pad_token_id=tok.pad_token_id)
             for text in tok.batch_decode(out, skip_special_tokens=True):
+                text = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
                 text = text.replace("{", " ").replace("}", " ").strip()
                 templates.append(text + ". {}")
     return templates

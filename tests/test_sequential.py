@@ -1,0 +1,96 @@
+"""The sequential suite on a tiny model: the run JSON carries the curve, collapse count, retention and norms; a run
+killed mid-way and resumed ends with the same records as an uninterrupted one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.sequential import schedule_points
+
+from .test_plugin import SUITES, tiny_model_dir  # noqa: F401  (fixture)
+
+pytest_plugins = ["pytester"]
+
+
+def test_schedule_points():
+    assert schedule_points(5) == [1, 2, 3, 4, 5]
+    assert schedule_points(7, "every:3") == [3, 6, 7]
+    assert schedule_points(10, "geometric") == [1, 2, 4, 8, 10]
+    with pytest.raises(ValueError, match="every, every:K or geometric"):
+        schedule_points(3, "sometimes")
+
+
+def _args(model_dir, report_dir, *extra):
+    return [str(SUITES / "test_sequential.py"), "--model", str(model_dir), "--device", "cpu",
+            "--cache-dir", str(report_dir.parent / "cache"), "--report-dir", str(report_dir), "-p", "no:cacheprovider",
+            "--stats-tokens", "2000", "--ppl-texts", "8", "--collapse-ratio", "1e6",
+            "--hparam", "rome.layer=1", "--hparam", "memit.layers=[1,2]", "--hparam", "v_num_grad_steps=4",
+            "--hparam", "context_template_length_params=[[3,2]]", *extra]
+
+
+def _seq_record(report_dir: Path) -> dict:
+    run = json.loads((report_dir / "latest.json").read_text())
+    (rec,) = [r for r in run["records"] if r["suite"] == "sequential"]
+    return rec
+
+
+def test_sequential_suite_records(pytester, tiny_model_dir):  # noqa: F811
+    reports = pytester.path / "reports"
+    result = pytester.runpytest_subprocess(*_args(tiny_model_dir, reports, "--editor", "memit", "--seq-edits", "4",
+                                                  "--batch-size", "2", "--ppl-schedule", "every"))
+    result.assert_outcomes(passed=1)
+    m = _seq_record(reports)["metrics"]
+    assert [n for n, _ in m["ppl_curve"]] == [0, 2, 4]
+    assert m["edits_to_collapse"] is None and m["n_edits"] == 4
+    assert 0 <= m["efficacy_immediate"] <= 1 and 0 <= m["efficacy_final"] <= 1
+    assert [n for n, _ in m["norm_l1"]] == [2, 4] and all(v > 0 for _, v in m["norm_l1"])
+    assert len(m["norm_l1_by_param"]) == 2                       # MEMIT edits two layers here
+
+
+def test_collapse_is_reported(pytester, tiny_model_dir):  # noqa: F811
+    reports = pytester.path / "reports"
+    result = pytester.runpytest_subprocess(*_args(tiny_model_dir, reports, "--editor", "rome", "--seq-edits", "2",
+                                                  "--collapse-ratio", "0.1"))
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*edits_to_collapse=1: ppl_ratio reached the collapse threshold 0.1*"])
+    assert _seq_record(reports)["metrics"]["edits_to_collapse"] == 1
+
+
+def test_killed_run_resumes_with_the_same_records(tiny_model_dir, tmp_path):  # noqa: F811
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    n = "6"
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, "-m", "pytest", *_args(tiny_model_dir, full, "--editor", "rome",
+                                                           "--seq-edits", n)], env=env, check=True, cwd=tmp_path,
+                   capture_output=True)
+    part = tmp_path / "part"
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", *_args(tiny_model_dir, part, "--editor", "rome",
+                                                                    "--seq-edits", n)],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        journals = list((part / "sequential").glob("*.jsonl")) if (part / "sequential").exists() else []
+        if journals and len(journals[0].read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lines = len(journals[0].read_text().splitlines())
+    assert 2 <= lines < int(n), "the run was not interrupted mid-way"
+    assert not (part / "latest.json").exists()
+    subprocess.run([sys.executable, "-m", "pytest", *_args(tiny_model_dir, part, "--editor", "rome",
+                                                           "--seq-edits", n, "--resume")],
+                   env=env, check=True, cwd=tmp_path, capture_output=True)
+    a, b = _seq_record(full), _seq_record(part)
+    assert b["info"]["resumed_from"] >= 2 and a["info"]["resumed_from"] == 0
+    flat = lambda v: [x for row in v for x in row] if isinstance(v, list) else v  # noqa: E731
+    for k in ("ppl_curve", "efficacy_immediate", "efficacy_final", "norm_l1", "edits_to_collapse", "n_edits"):
+        expected = flat(a["metrics"][k])
+        assert flat(b["metrics"][k]) == (expected if expected is None else pytest.approx(expected, rel=1e-6)), k
