@@ -23,7 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--editors", nargs="+", default=["rome", "memit", "ft"])
     ap.add_argument("--cases", type=int, default=5)
-    ap.add_argument("--dataset", default="builtin")
+    ap.add_argument("--dataset", default="auto", help="auto: CounterFact with --data-dir, else builtin")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--hparam", action="append", default=[])

@@ -108,10 +108,51 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- entry point
 
+# --------------------------------------------------------------------------- mine-hard
+
+
+def _add_mine_hard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mine-hard", help="find edits that collapse the model (the HardEdit recipe)",
+                       description="Run single edits over a pool of cases and keep those whose perplexity ratio "
+                                   "reaches the threshold; save them in the HardEdit (EasyEdit-style) format.")
+    p.add_argument("--editor", default="rome")
+    p.add_argument("--pool", default="auto", help="cases to mine: auto (CounterFact with --data-dir), builtin-hard, "
+                                                   "a file, ...")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-n", "--cases", type=int, default=50, help="pool size (first N cases)")
+    p.add_argument("--threshold", type=float, default=2.0, help="perplexity ratio that counts as collapse")
+    p.add_argument("--hparam", action="append", default=[])
+    p.add_argument("-o", "--output", required=True, help="HardEdit JSON to write")
+    p.set_defaults(func=_cmd_mine_hard)
+
+
+def _cmd_mine_hard(args: argparse.Namespace) -> int:
+    from harness.data import save_easyedit
+    from harness.session import HarnessSession, Options
+    from harness.timing import PhaseTimer
+
+    h = HarnessSession(Options(editors=[args.editor], model=args.model, device=args.device, data_dir=args.data_dir,
+                               dataset=args.pool, n_cases=args.cases, hparams=args.hparam))
+    editor = h.editor(args.editor)
+    hard = []
+    for case in h.cases():
+        metrics, _, _ = h.single_edit(editor, case, PhaseTimer(h.lm.device))
+        mark = "HARD" if metrics["ppl_ratio"] >= args.threshold else "    "
+        print(f"{mark} {case.case_id:>8} ppl x{metrics['ppl_ratio']:8.3f}  {case.rewrite_prompt!r}", flush=True)
+        if metrics["ppl_ratio"] >= args.threshold:
+            hard.append(case)
+    path = save_easyedit(hard, args.output)
+    print(f"{len(hard)} of {len(h.cases())} cases reach ppl ratio >= {args.threshold}: {path}")
+    return 0
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_report,
     _add_leaderboard,
     _add_compare,
+    _add_mine_hard,
 ]
 
 
@@ -134,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (RunFileError, UsageError) as exc:
+    except (RunFileError, UsageError, ValueError) as exc:   # DataError, ModelLoadError, HparamsError: one line
         print(f"harness {args.command}: error: {exc}", file=sys.stderr)
     except OSError as exc:
         print(f"harness {args.command}: error: cannot write {exc.filename or 'output'} "

@@ -34,7 +34,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--dataset", default="auto",
                 help="auto (counterfact with a data dir, else builtin), builtin, builtin-hard, counterfact, zsre, "
                      "counterfact-easyedit, a file, or hf:owner/name")
-    g.addoption("--cases", type=int, default=None, help="number of cases (default: harness_cases ini, 12)")
+    g.addoption("--cases", type=int, default=None, help="number of cases (default: harness_cases ini, 10)")
     g.addoption("--skip-invalid", action="store_true", default=False, help="skip malformed records instead of failing")
     g.addoption("--ppl-corpus", default="auto", help="perplexity texts: auto (ME-PPL_50 with a data dir, else builtin)")
     g.addoption("--ppl-texts", type=int, default=50, help="number of perplexity texts")
@@ -58,7 +58,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--no-report", action="store_true", default=False, help="write no run JSON / HTML")
     parser.addini("harness_collapse_ratio", "perplexity ratio counted as collapse", default="2.0")
     parser.addini("harness_min_efficacy", "minimum efficacy success of a single edit", default="1.0")
-    parser.addini("harness_cases", "default number of cases", default="12")
+    parser.addini("harness_cases", "default number of cases", default="10")
 
 
 def _thresholds(config: pytest.Config) -> Thresholds:
@@ -126,7 +126,7 @@ def _pin_worker_device(worker: dict) -> None:
     import torch
     if "CUDA_VISIBLE_DEVICES" not in os.environ and torch.cuda.device_count() > 1:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(idx % torch.cuda.device_count())
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // n)))
 
 
 # --- parametrisation ------------------------------------------------------------------------------------
@@ -137,6 +137,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "case" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("cases")
         spec = marker.args[0] if marker else None
+        if spec == "hard":
+            spec = session.options.hard_dataset
         cases = session.cases(spec) if spec else session.cases()
         metafunc.parametrize("case", cases, ids=[c.case_id for c in cases])
 

@@ -53,7 +53,7 @@ def machine_info(device: str | None = None, dtype: str | None = None) -> dict[st
 
     info: dict[str, Any] = {
         "hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+        "torch": str(torch.__version__), "transformers": str(transformers.__version__), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "device": device, "dtype": dtype,
         "gpu_name": None, "cuda": None, "driver": None,
         "memory_note": "peak_rss_mb is the process's peak resident set size so far (CPU); "

@@ -32,7 +32,7 @@ class Options:
     trust_remote_code: bool = False
     data_dir: str | None = None
     dataset: str = "auto"          # CounterFact when the data dir has it, else the built-in set
-    n_cases: int | None = 12
+    n_cases: int | None = 10
     skip_invalid: bool = False
     ppl_corpus: str = "auto"
     ppl_texts: int | None = 50
@@ -138,6 +138,34 @@ class HarnessSession:
     def counterfact(self, case: EditCase, edit: Edit | None = None) -> dict[str, Any]:
         return counterfact_metrics(self.lm.model, self.lm.tokenizer, case,
                                    prefix=edit.prompt_prefix if edit else "")
+
+    def single_edit(self, editor: Editor, case: EditCase, timer: PhaseTimer) -> tuple[dict, dict, dict]:
+        """Edit, score, perplexity after, restore. Returns (metrics, protocols, edit info); the thresholds'
+        verdicts are ``self.problems(metrics)``."""
+        from .metrics.counterfact import PROTOCOLS as CF
+        from .metrics.perplexity import PROTOCOLS as PPL
+
+        base = self.base_perplexity()
+        with timer.phase("evaluate"):
+            pre = self.counterfact(case)
+        with self.edited(editor, [case], timer) as edit:
+            with timer.phase("evaluate"):
+                post = self.counterfact(case, edit)
+            with timer.phase("perplexity"):
+                ppl = self.perplexity()
+        metrics = {**{f"{k}_pre": v for k, v in pre.items()}, **post,
+                   "ppl_before": base.mean_ppl, "ppl_after": ppl.mean_ppl, "ppl_ratio": ppl.mean_ppl / base.mean_ppl,
+                   "ppl_token_before": base.token_ppl, "ppl_token_after": ppl.token_ppl}
+        ppl_protocol = f"{PPL['ppl']} on {self.ppl_corpus_name()}"
+        protocols = {**{f"{k}_pre": v for k, v in CF.items()}, **CF,
+                     **{k: ppl_protocol for k in ("ppl_before", "ppl_after", "ppl_ratio")},
+                     "ppl_token_before": PPL["ppl_token"], "ppl_token_after": PPL["ppl_token"]}
+        return metrics, protocols, edit.info
+
+    def problems(self, metrics: dict) -> list[str]:
+        """Threshold violations of a single edit, each naming the metric, its value and the threshold."""
+        return [p for p in (self.thresholds.check_collapse(metrics["ppl_ratio"]),
+                            self.thresholds.check_efficacy(metrics["efficacy_success"])) if p]
 
     def sequential(self, editor: Editor, cases: Sequence[EditCase], timer: PhaseTimer):
         """Run ``cases`` as one sequential edit stream (journaled, resumable); the model is restored after."""

@@ -7,6 +7,7 @@ keyed by model fingerprint, module, corpus, token count and dtype, and loaded wi
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -75,7 +76,7 @@ class LayerStats:
                 p = self.path(layer)
                 if p is not None:
                     p.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = p.with_suffix(".tmp")
+                    tmp = p.with_suffix(f".{os.getpid()}.tmp")   # xdist workers may share the cache dir
                     torch.save({"mom2": mom2, "count": count, "corpus": self.corpus_name}, tmp)
                     tmp.replace(p)
         dev = self.lm.adapter.mlp_weight(self.lm.model, layers[0]).device

@@ -123,3 +123,15 @@ def test_hook_editor_fits_the_interface(tiny_llama, builtin_cases):
     assert not torch.equal(lm.model(ids).logits, clean)
     edit.restore()
     assert torch.equal(lm.model(ids).logits, clean)
+
+
+def test_value_loss_starts_at_the_target_nll(tiny_lm, builtin_cases):
+    """At step 0 (delta = 0, no KL, no decay) the v* objective is the teacher-forced NLL of target_new after the
+    prompt, averaged over its tokens: the same number an independent scorer computes."""
+    from harness.editors.common import ValueOpt, optimize_value
+    from harness.metrics import score_targets
+
+    case = builtin_cases[3]
+    _, _, info = optimize_value(tiny_lm, case, tiny_lm.adapter.mlp_name(1), ["{}"], ValueOpt(steps=1))
+    (expected,) = score_targets(tiny_lm.model, tiny_lm.tokenizer, [case.rewrite_prompt], [case.target_new])
+    assert info["v_loss"][0] == pytest.approx(expected.nll_mean, rel=1e-3)

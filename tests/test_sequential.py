@@ -94,3 +94,27 @@ def test_killed_run_resumes_with_the_same_records(tiny_model_dir, tmp_path):  # 
     for k in ("ppl_curve", "efficacy_immediate", "efficacy_final", "norm_l1", "edits_to_collapse", "n_edits"):
         expected = flat(a["metrics"][k])
         assert flat(b["metrics"][k]) == (expected if expected is None else pytest.approx(expected, rel=1e-6)), k
+
+
+def test_hardedit_suite_and_miner(pytester, tiny_model_dir, tmp_path):  # noqa: F811
+    """The HardEdit suite runs the hard set (single edits + one sequential run); the miner writes what it finds
+    in the HardEdit format, which loads back."""
+    from harness.cli import main
+    from harness.data import load_hardedit
+
+    reports = pytester.path / "reports"
+    args = _args(tiny_model_dir, reports, "--editor", "r_rome", "--cases", "2", "--seq-edits", "2",
+                 "--hparam", "r_rome.layer=1", "--min-efficacy", "0")
+    args[0] = str(SUITES / "test_hardedit.py")
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=3)
+    run = json.loads((reports / "latest.json").read_text())
+    assert {r["suite"] for r in run["records"]} == {"hardedit"}
+    assert {r["case_id"] for r in run["records"]} >= {"h01", "h02"}
+
+    out = tmp_path / "hard.json"
+    rc = main(["mine-hard", "--model", str(tiny_model_dir), "--device", "cpu", "--pool", "builtin-hard", "-n", "2",
+               "--threshold", "0", "-o", str(out), "--hparam", "rome.layer=1", "--hparam", "v_num_grad_steps=3",
+               "--hparam", "context_template_length_params=[[3,2]]"])
+    assert rc == 0
+    mined = load_hardedit(out)
+    assert [c.case_id for c in mined] == ["h01", "h02"] and all(c.source == "hardedit" for c in mined)

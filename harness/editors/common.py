@@ -231,11 +231,12 @@ def optimize_value(lm: LoadedModel, case: EditCase, module_name: str, templates:
             cache = body(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos,
                          use_cache=True).past_key_values
 
-    # in suffix coordinates the subject's last token is column 0; target token j of rewriting prompt i is
-    # predicted at column suf_len[i] - t - 1 + j
+    # in suffix coordinates the subject's last token is column 0. Rewriting prompt i ends with target[:-1], so
+    # target token j is predicted by the logits at column suf_len[i] - t + j (the reference's
+    # rewriting_targets[i, ex_len - t : ex_len] = target_ids, in full-sequence coordinates)
     dev = lm.device
     tgt_rows = torch.arange(n_rw, device=dev).repeat_interleave(t)
-    tgt_cols = torch.tensor([suf_len[i] - t - 1 + j for i in range(n_rw) for j in range(t)], device=dev)
+    tgt_cols = torch.tensor([suf_len[i] - t + j for i in range(n_rw) for j in range(t)], device=dev)
     tgt_ids = torch.tensor(target, device=dev).repeat(n_rw)
     kl_rows = torch.arange(n_rw, n, device=dev)
     kl_cols = torch.zeros(n - n_rw, dtype=torch.long, device=dev)
