@@ -56,6 +56,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--hard-dataset", default="builtin-hard",
                 help="HardEdit suite cases: builtin-hard, or a HardEdit-format file (EasyEdit-style records)")
     g.addoption("--no-report", action="store_true", default=False, help="write no run JSON / HTML")
+    g.addoption("--baseline", default=None, metavar="RUN.json",
+                help="compare this run with a saved run JSON (harness compare); a regression fails the session")
     parser.addini("harness_collapse_ratio", "perplexity ratio counted as collapse", default="2.0")
     parser.addini("harness_min_efficacy", "minimum efficacy success of a single edit", default="1.0")
     parser.addini("harness_cases", "default number of cases", default="10")
@@ -116,7 +118,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "suite(name): the benchmark suite a test file belongs to (run JSON 'suite')")
     config.addinivalue_line("markers", "cases(spec): parametrize 'case' with another case set (e.g. builtin-hard)")
     if worker is None:
-        config.pluginmanager.register(RunCollector(config, config.stash[_RUN]), "harness-run-collector")
+        baseline = None
+        if config.getoption("baseline"):
+            from .report import RunFileError, load_run
+            try:
+                baseline = load_run(config.getoption("baseline"))
+            except RunFileError as e:
+                raise pytest.UsageError(f"--baseline: {e}") from None
+        config.pluginmanager.register(RunCollector(config, config.stash[_RUN], baseline), "harness-run-collector")
 
 
 def _pin_worker_device(worker: dict) -> None:
@@ -193,9 +202,11 @@ class RunCollector:
     """Lives on the controller (or a plain run): turns test reports into run records and writes the run JSON and
     HTML report at the end. Under xdist the records arrive with the workers' reports."""
 
-    def __init__(self, config: pytest.Config, run: BenchmarkRun):
+    def __init__(self, config: pytest.Config, run: BenchmarkRun, baseline: dict | None = None):
         self.config = config
         self.run = run
+        self.baseline = baseline          # a loaded run JSON (--baseline), read before any test runs
+        self.comparison = None
         self.paths: list[Path] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -210,8 +221,13 @@ class RunCollector:
             self.run.add(rec)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if not self.run.records or self.config.getoption("no_report"):
+        if not self.run.records:
             return
+        if not self.config.getoption("no_report"):
+            self._write()
+        self._compare(session)
+
+    def _write(self) -> None:
         report_dir = Path(_report_dir(self.config))
         path = self.run.write(report_dir)
         self.paths.append(path)
@@ -226,7 +242,22 @@ class RunCollector:
         except Exception as e:  # noqa: BLE001 - the JSON is written; a report problem must not lose it
             self.paths.append(Path(f"(HTML report failed: {e})"))
 
+    def _compare(self, session: pytest.Session) -> None:
+        """``--baseline``: compare with a saved run; a regression fails the session (exit code 1)."""
+        if self.baseline is None:
+            return
+        from .report.compare import compare
+        self.comparison = compare(self.baseline, self.run.to_json())
+        if self.comparison.regressions and session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
+        comparison = self.comparison
+        if comparison is not None:
+            terminalreporter.section("comparison with baseline")
+            terminalreporter.write_line(comparison.to_markdown(only_changes=True))
+            terminalreporter.write_line(f"{len(comparison.regressions)} regression(s) against "
+                                        f"{self.config.getoption('baseline')}")
         if not self.run.records:
             return
         tr = terminalreporter

@@ -95,3 +95,27 @@ def test_rome_on_the_embedded_model(pytester):
         result.assert_outcomes(passed=1)
         run = json.loads((pytester.path / "reports" / "latest.json").read_text())
         assert run["records"][0]["case_id"] == "20952"      # the first record of the CounterFact sample
+
+
+def test_baseline_gates_the_session(pytester, tiny_model_dir):
+    """--baseline: an identical baseline passes; one the run is worse than fails the session; a bad file is a
+    usage error before anything runs."""
+    common = ["--editor", "rome", "--cases", "1", "--min-efficacy", "0", "--collapse-ratio", "1e6"]
+    _run(pytester, tiny_model_dir, *common).assert_outcomes(passed=1)
+    run = json.loads((pytester.path / "reports" / "latest.json").read_text())
+    same = pytester.path / "same.json"
+    same.write_text(json.dumps(run))
+    result = _run(pytester, tiny_model_dir, *common, "--baseline", str(same))
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*comparison with baseline*", "0 regression(s) against *"])
+    for r in run["records"]:                       # a baseline whose perplexity ratio was far better
+        r["metrics"]["ppl_ratio"] /= 3
+    run["summary"] = {}
+    better = pytester.path / "better.json"
+    better.write_text(json.dumps(run))
+    result = _run(pytester, tiny_model_dir, *common, "--baseline", str(better))
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*ppl_ratio*", "1 regression(s) against *"])
+    result = _run(pytester, tiny_model_dir, *common, "--baseline", str(pytester.path / "missing.json"))
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--baseline: *missing.json*"])
