@@ -152,6 +152,16 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
                              f"directory or a .gguf file, or set HF_HUB_OFFLINE=0 with network access") from None
     if not device_map:
         model.to(resolve_device(device))
+    return _ready(model, tok, name, str(source), arch_override)
+
+
+def from_pretrained_objects(model, tokenizer, name: str = "in-memory", arch_override: dict | None = None) -> LoadedModel:
+    """Wrap an already-built model (tests, notebooks) the way ``load_model`` would."""
+    return _ready(model, tokenizer, name, name, arch_override)
+
+
+def _ready(model, tok, name: str, source: str, arch_override: dict | None) -> LoadedModel:
+    """Eval mode, frozen weights, a pad token and right padding, the adapter and the identity that keys caches."""
     model.eval()
     model.requires_grad_(False)
     if tok.pad_token is None:
@@ -160,21 +170,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
     adapter = adapter_for(model, arch_override)
     identity = {
         "name": name, "family": adapter.family, "model_type": model.config.model_type,
-        "fingerprint": fingerprint(model), "dtype": str(torch_dtype).replace("torch.", ""),
+        "fingerprint": fingerprint(model), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "n_params": sum(p.numel() for p in model.parameters()), "n_layers": adapter.n_layers(model),
     }
-    return LoadedModel(model, tok, adapter, name, str(source), identity)
-
-
-def from_pretrained_objects(model, tokenizer, name: str = "in-memory", arch_override: dict | None = None) -> LoadedModel:
-    """Wrap an already-built model (tests, notebooks) the way ``load_model`` would."""
-    model.eval()
-    model.requires_grad_(False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    adapter = adapter_for(model, arch_override)
-    identity = {"name": name, "family": adapter.family, "model_type": model.config.model_type,
-                "fingerprint": fingerprint(model), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                "n_params": sum(p.numel() for p in model.parameters()), "n_layers": adapter.n_layers(model)}
-    return LoadedModel(model, tokenizer, adapter, name, name, identity)
+    return LoadedModel(model, tok, adapter, name, source, identity)
