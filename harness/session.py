@@ -61,6 +61,7 @@ class HarnessSession:
         self._ppl_texts: list[str] | None = None
         self._editors: dict[str, Editor] = {}
         self._cases: list[EditCase] | None = None
+        self._machine: dict[str, Any] | None = None
 
     # --- resources --------------------------------------------------------------------------------------
     @property
@@ -122,7 +123,10 @@ class HarnessSession:
         return self._editors[name]
 
     def machine(self) -> dict[str, Any]:
-        return machine_info(str(self.lm.device), self.lm.identity.get("dtype"))
+        """Machine facts for the run JSON, read once per session (on a GPU this runs nvidia-smi)."""
+        if self._machine is None:
+            self._machine = machine_info(str(self.lm.device), self.lm.identity.get("dtype"))
+        return self._machine
 
     # --- measurements ----------------------------------------------------------------------------------
     def perplexity(self) -> PerplexityResult:
