@@ -18,19 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from .test_plugin import tiny_model_dir  # noqa: F401  (the tiny model saved to disk, one fixture for both)
+
 pytest_plugins = ["pytester"]
 SUITES = Path(__file__).resolve().parents[1] / "suites"
 REL = 1e-5          # relative tolerance on metric values
 ABS = 1e-7          # absolute floor, for values at or near 0
 NOISE = ("nodeid", "timings", "memory", "message")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tiny_llama, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama-xdist")
-    tiny_llama.model.save_pretrained(d)
-    tiny_llama.tokenizer.save_pretrained(d)
-    return d
 
 
 def _run(pytester, tiny_model_dir, name: str, *extra):
