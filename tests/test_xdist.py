@@ -27,7 +27,7 @@ ABS = 1e-7          # absolute floor, for values at or near 0
 NOISE = ("nodeid", "timings", "memory", "message")
 
 
-def _run(pytester, tiny_model_dir, name: str, *extra):
+def _run(pytester, tiny_model_dir, name: str, *extra):  # noqa: F811
     """As tests/test_plugin.py's ``_run``, with a cache and report folder of its own per run (so neither run
     reads statistics the other computed, and each run's JSON files can be counted)."""
     return pytester.runpytest_subprocess(
@@ -79,7 +79,7 @@ def _diffs(a, b, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: serial {a!r} != xdist {b!r}"]
 
 
-def test_xdist_run_matches_serial_run(pytester, tiny_model_dir, monkeypatch):
+def test_xdist_run_matches_serial_run(pytester, tiny_model_dir, monkeypatch):  # noqa: F811
     # the thread count an xdist worker of -n 2 gives itself (harness.plugin._pin_worker_device)
     monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
     serial = _run(pytester, tiny_model_dir, "serial")
