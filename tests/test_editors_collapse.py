@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.editors import alphaedit, build_editor, d4s, r_rome, registry  # noqa: F401  (importing registers them)
+from harness.editors import alphaedit, build_editor, d4s, emmet, r_rome, registry  # noqa: F401  (registration)
 from harness.editors.common import average_key, plain_key_value
 from harness.models import param_digest
 
@@ -15,7 +15,7 @@ from .conftest import make_stats
 
 SMALL = ["v_num_grad_steps=6", "context_template_length_params=[[3,2]]"]
 HP = {"r_rome": ["layer=1", *SMALL], "rome": ["layer=1", *SMALL], "memit": ["layers=[1,2]", *SMALL],
-      "alphaedit": ["layers=[1,2]", *SMALL], "d4s": ["layers=[1,2]", *SMALL]}
+      "alphaedit": ["layers=[1,2]", *SMALL], "d4s": ["layers=[1,2]", *SMALL], "emmet": ["layers=[1]", *SMALL]}
 
 
 def _editor(name, lm, extra=(), stats=None):
@@ -235,6 +235,46 @@ def test_d4s_delta_norm_against_sequential_memit(tiny_lm, builtin_cases):
     (d4s_first, d4s_last), (memit_first, memit_last) = norms["d4s"], norms["memit"]
     assert 0 < d4s_first <= memit_first * (1 + 1e-3)
     assert memit_last <= d4s_last * (1 + 1e-3) and d4s_last < 1.5 * memit_last
+
+
+# --- EMMET ----------------------------------------------------------------------------------------------
+def test_emmet_writes_every_edit_of_a_batch_exactly(tiny_lm, builtin_cases, monkeypatch):
+    """The equality constraint: with emmet_lambda = 0, delta K = R for every edit of the batch (MEMIT only
+    approximates it), and the model receives that delta."""
+    stats = make_stats(tiny_lm)
+    editor = _editor("emmet", tiny_lm, ["emmet_lambda=0"], stats)
+    seen: list[tuple[torch.Tensor, ...]] = []
+    solve = editor.layer_update
+
+    def spy(lm, layer, K, R):
+        delta = solve(lm, layer, K, R)
+        seen.append((K.double(), R.double(), delta.double()))
+        return delta
+
+    monkeypatch.setattr(editor, "layer_update", spy)
+    edit = editor.apply(tiny_lm, builtin_cases[:3])
+    try:
+        ((K, R, delta),) = seen                                             # one layer: [d_in, 3], [d, 3]
+        assert torch.allclose(delta @ K, R, atol=1e-4 * R.abs().max().item())
+        applied = _as_linear(tiny_lm, edit.snapshot.deltas()[tiny_lm.adapter.weight_name(1)]).double()
+        assert (applied - delta).norm() / delta.norm() < 1e-3
+        memit = build_editor("memit", tiny_lm, ["layers=[1]", *SMALL], stats=stats)
+        m_delta = memit.layer_update(tiny_lm, 1, K.float(), R.float()).double()
+        assert (m_delta @ K - R).norm() > 10 * (delta @ K - R).norm()      # MEMIT trades the constraint off
+    finally:
+        edit.restore()
+
+
+def test_emmet_ridge_on_d_only_for_batches(tiny_llama, builtin_cases):
+    stats = make_stats(tiny_llama)
+    K = torch.randn(128, 1, dtype=torch.float64) * 0.1
+    R = torch.randn(64, 1, dtype=torch.float64)
+    a = _editor("emmet", tiny_llama, ["emmet_lambda=0"], stats).layer_update(tiny_llama, 1, K, R)
+    b = _editor("emmet", tiny_llama, ["emmet_lambda=10"], stats).layer_update(tiny_llama, 1, K, R)
+    assert torch.equal(a, b)                                                # n = 1: no ridge, exact
+    K2, R2 = torch.cat([K, K * 1.01], 1), torch.cat([R, -R], 1)             # two nearly parallel keys
+    c = _editor("emmet", tiny_llama, ["emmet_lambda=10"], stats).layer_update(tiny_llama, 1, K2, R2)
+    assert torch.isfinite(c).all() and c.norm() < a.norm() * 10
 
 
 # --- state across a checkpoint -------------------------------------------------------------------------

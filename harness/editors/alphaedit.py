@@ -47,27 +47,15 @@ import torch
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
 from .base import register_editor
-from .common import ValueOpt
-from .memit import MEMIT, layer_keys
+from .memit import MEMIT, ZHparams, layer_keys
 
 
 @dataclass
-class AlphaEditHparams:
+class AlphaEditHparams(ZHparams):
     layers: list = field(default_factory=lambda: [4, 5, 6, 7, 8])
     nullspace_threshold: float = 2e-2      # singular values of C below this span the preserved keys' null space
     L2: float = 10.0                       # alpha, the ridge term of the solve
-    v_num_grad_steps: int = 25
     v_lr: float = 0.1
-    kl_factor: float = 0.0625
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
-    context_template_length_params: list = field(default_factory=lambda: [[10, 5]])
-    context_seed_prompts: list = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
-    template_seed: int = 0
-
-    def value_opt(self) -> ValueOpt:
-        return ValueOpt(self.v_num_grad_steps, self.v_lr, self.kl_factor, self.v_weight_decay,
-                        self.clamp_norm_factor)
 
 
 @register_editor

@@ -27,9 +27,10 @@ from .common import (ValueOpt, average_key, generate_context_templates, module_i
 
 
 @dataclass
-class MemitHparams:
+class ZHparams:
+    """The edit layers and MEMIT's z optimisation and context templates: what MEMIT and its successors
+    (AlphaEdit, D4S, EMMET) share. Each adds the hyper-parameters of its own solve."""
     layers: list = field(default_factory=lambda: [3, 4, 5, 6, 7])
-    mom2_update_weight: float = 15000.0
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
     kl_factor: float = 0.0625
@@ -42,6 +43,11 @@ class MemitHparams:
     def value_opt(self) -> ValueOpt:
         return ValueOpt(self.v_num_grad_steps, self.v_lr, self.kl_factor, self.v_weight_decay,
                         self.clamp_norm_factor)
+
+
+@dataclass
+class MemitHparams(ZHparams):
+    mom2_update_weight: float = 15000.0     # lambda in lambda C + K K^T
 
 
 def layer_keys(lm: LoadedModel, layer: int, cases: Sequence[EditCase], templates: Sequence[str]) -> torch.Tensor:

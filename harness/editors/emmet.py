@@ -1,0 +1,64 @@
+"""EMMET: Equality-constrained Mass Model Editing in a Transformer (Gupta, Sajnani, Anumanchipalli, 2024,
+"A Unified Framework for Model Editing").
+
+ROME and MEMIT solve the same preservation-memorization objective with different constraints: MEMIT trades the new
+facts off against the preserved keys (least squares), ROME makes a single new fact an equality constraint. EMMET
+makes a whole batch of n new facts equality constraints:
+
+    minimise   lambda || (W_hat - W_0) K_0 ||^2            (preserve the keys of general text)
+    subject to W_hat K_E = V_E                               (memorize every edit exactly)
+
+whose closed form (Lagrange multipliers) is, per edit layer l, with MEMIT's keys and residuals:
+
+    K   [d_in, n]     keys of the n edits at layer l, averaged over the context templates (MEMIT's ``layer_keys``)
+    R   [d, n]        z_i - h_i at the last edit layer, spread evenly over the remaining layers (exactly MEMIT's)
+    C   [d_in, d_in]  lambda E[k k^T] (+ mu I, ``update_norm_lambda``, the paper's optional norm term)
+    D   [n, n]        K^T C^-1 K  (+ emmet_lambda I when n > 1, against an ill-conditioned D)
+    delta = R D^-1 K^T C^-1                                  [d, d_in]   (EMMET eq. 9)
+
+so that delta K = R: each edit's residual is written exactly (up to emmet_lambda). With n = 1 and one layer
+this is ROME's rank-one update with MEMIT's target; the batch size is where EMMET and MEMIT differ.
+
+Reference: scalable-model-editing/unified-model-editing, ``emmet/emmet_main.py`` (``execute_emmet``: the
+``C_inv``, ``D``, ``D_inv`` and ``adj_k`` lines) and ``hparams/EMMET/{gpt2-xl,llama2-7b}.json``.
+Everything else (z optimisation, keys, residual spreading, context templates) is MEMIT's, inherited.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import register_editor
+from .memit import MEMIT, MemitHparams
+
+
+@dataclass
+class EmmetHparams(MemitHparams):
+    layers: list = field(default_factory=lambda: [17])
+    mom2_update_weight: float = 1000.0     # lambda in C = lambda E[k k^T]
+    emmet_lambda: float = 0.1              # ridge on D = K^T C^-1 K for batches (n > 1)
+    update_norm_lambda: float = 0.0        # mu: C += mu I (0 in every published setting)
+
+
+@register_editor
+class EMMET(MEMIT):
+    name = "emmet"
+    Hparams = EmmetHparams
+    supports_batch = True
+
+    def layer_update(self, lm, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """delta [d, d_in] = R D^-1 K^T C^-1 with D = K^T C^-1 K, in float64 with linear solves."""
+        if self.stats is None:
+            raise ValueError("EMMET needs key statistics (a LayerStats): pass stats=...")
+        hp = self.hparams
+        C = hp.mom2_update_weight * self.stats.second_moment(layer).double()   # [d_in, d_in]
+        if hp.update_norm_lambda:
+            C = C + hp.update_norm_lambda * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        K, R = K.double(), R.double()                                          # [d_in, n], [d, n]
+        C_inv_K = torch.linalg.solve(C, K)                                      # [d_in, n]  C^-1 K
+        D = K.T @ C_inv_K                                                       # [n, n]
+        if D.shape[0] > 1:
+            D = D + hp.emmet_lambda * torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
+        adj = torch.linalg.solve(D, C_inv_K.T)                                  # [n, d_in]  D^-1 K^T C^-1
+        return (R @ adj).float()                                                # [d, d_in]
