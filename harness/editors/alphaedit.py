@@ -81,13 +81,13 @@ class AlphaEdit(MEMIT):
         """The earlier edits' keys K_p K_p^T per layer, and the context templates (generated from the model at the
         first edit: a resumed run must not generate them again from the edited model). The projectors are
         recomputed from C when needed."""
-        return {"prev_kk": dict(self._prev_kk), "n_cached": self._n_cached, "templates": dict(self._templates)}
+        return {"prev_kk": dict(self._prev_kk), "n_cached": self._n_cached, "templates": self.context_templates.state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.reset()
         self._prev_kk.update(state.get("prev_kk", {}))
         self._n_cached = int(state.get("n_cached", 0))
-        self._templates.update(state.get("templates", {}))
+        self.context_templates.load_state(state.get("templates", {}))
 
     # --- the math ------------------------------------------------------------------------------------
     def null_space_projector(self, lm: LoadedModel, layer: int) -> torch.Tensor:

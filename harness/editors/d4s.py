@@ -84,7 +84,7 @@ class D4S(MEMIT):
         """W_0, the sums and the context templates (a sequential run's checkpoint holds the edited weights beside
         them)."""
         return {"w0": dict(self._w0), "s_rk": dict(self._s_rk), "s_kk": dict(self._s_kk), "n_edits": self._n_edits,
-                "templates": dict(self._templates)}
+                "templates": self.context_templates.state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Resume a sequence from ``state()``; the model must hold the weights saved with it."""
@@ -93,7 +93,7 @@ class D4S(MEMIT):
         self._s_rk.update(state.get("s_rk", {}))
         self._s_kk.update(state.get("s_kk", {}))
         self._n_edits = int(state.get("n_edits", 0))
-        self._templates.update(state.get("templates", {}))
+        self.context_templates.load_state(state.get("templates", {}))
 
     # --- state across edits ----------------------------------------------------------------------------
     def original_weights(self, lm: LoadedModel) -> dict[int, torch.Tensor]:
