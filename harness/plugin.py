@@ -58,9 +58,59 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--no-report", action="store_true", default=False, help="write no run JSON / HTML")
     g.addoption("--baseline", default=None, metavar="RUN.json",
                 help="compare this run with a saved run JSON (harness compare); a regression fails the session")
+    # locality and downstream suites
+    g.addoption("--min-neighborhood", type=float, default=None,
+                help="locality suite: minimum neighbourhood success after an edit (default: ini, 0.5)")
+    g.addoption("--max-kl", type=float, default=None,
+                help="locality suite: maximum mean KL(pre || post) on unrelated text, nats (default: ini, 0.05)")
+    g.addoption("--max-top1-changed", type=float, default=None,
+                help="locality suite: maximum fraction of unrelated-text top-1 tokens changed (default: ini, 0.05)")
+    g.addoption("--min-qa-locality", type=float, default=None,
+                help="locality suite: minimum zsRE/EasyEdit QA locality (default: ini, 0.5)")
+    g.addoption("--max-accuracy-drop", type=float, default=None,
+                help="downstream suite: maximum accuracy drop per task (default: ini, 0.1)")
+    g.addoption("--downstream-tasks", default=None, metavar="T1,T2",
+                help="downstream suite: lm-eval tasks from harness/downstream/tasks, or all "
+                     "(default: ini, boolq,piqa,arc_challenge)")
+    g.addoption("--downstream-limit", type=int, default=None,
+                help="downstream suite: examples per task, 0 for all (default: ini, 20)")
+    g.addoption("--corr-edits", type=int, default=3,
+                help="downstream suite: sequential hard edits for the perplexity-accuracy correlation (default 3)")
+    # localization suites: causal tracing, layer sweep, the five editing problems (docs/localization.md)
+    g.addoption("--known-facts", default="auto",
+                help="tracing suite: known (ROME's known_1000.json in the data dir), builtin-known, or a file; "
+                     "auto: known with a data dir")
+    g.addoption("--trace-facts", type=int, default=10, help="tracing suite: known facts to trace (0: all)")
+    g.addoption("--trace-noise", type=float, default=3.0,
+                help="tracing: noise std as a multiple of the input embeddings' std (ROME: 3)")
+    g.addoption("--trace-samples", type=int, default=10, help="tracing: noise draws per fact (ROME: 10)")
+    g.addoption("--trace-window", type=int, default=10, help="tracing: layers restored together for mlp/attn")
+    g.addoption("--known-cases", type=int, default=4,
+                help="editing-problems suite: cases of the dataset whose true answer the model knows (0: all)")
+    g.addoption("--sweep-layers", default="every:6", help="layer sweep: every:K, all, or a comma list of layers")
+    g.addoption("--sweep-windows", default="1", metavar="W1,W2",
+                help="layer sweep: editing windows (1: ROME/FT-L at one layer; >1: MEMIT/FT-L over the window)")
+    g.addoption("--sweep-facts", type=int, default=3, help="layer sweep: known cases edited at every layer")
+    g.addoption("--min-trace-drop", type=float, default=None,
+                help="tracing: share of P(answer) the subject noise must remove (default: ini, 0.5)")
+    g.addoption("--min-rewrite-score", type=float, default=None,
+                help="editing problems: minimum rewrite score (default: ini, 0.5)")
+    g.addoption("--min-sweep-success", type=float, default=None,
+                help="layer sweep: minimum mean edit success at the best layer (default: ini, 0.5)")
+    parser.addini("harness_min_trace_drop", "tracing: share of P(answer) the noise must remove", default="0.5")
+    parser.addini("harness_min_rewrite_score", "editing problems: minimum rewrite score", default="0.5")
+    parser.addini("harness_min_sweep_success", "layer sweep: minimum edit success at the best layer", default="0.5")
     parser.addini("harness_collapse_ratio", "perplexity ratio counted as collapse", default="2.0")
     parser.addini("harness_min_efficacy", "minimum efficacy success of a single edit", default="1.0")
     parser.addini("harness_cases", "default number of cases", default="10")
+    parser.addini("harness_min_neighborhood", "minimum neighbourhood success (locality suite)", default="0.5")
+    parser.addini("harness_max_kl", "maximum KL on unrelated text, nats (locality suite)", default="0.05")
+    parser.addini("harness_max_top1_changed", "maximum fraction of changed top-1 tokens (locality suite)",
+                  default="0.05")
+    parser.addini("harness_min_qa_locality", "minimum QA locality (locality suite)", default="0.5")
+    parser.addini("harness_max_accuracy_drop", "maximum downstream accuracy drop per task", default="0.1")
+    parser.addini("harness_downstream_tasks", "downstream tasks (comma-separated)", default="boolq,piqa,arc_challenge")
+    parser.addini("harness_downstream_limit", "examples per downstream task (0: all)", default="20")
 
 
 def _thresholds(config: pytest.Config) -> Thresholds:
@@ -68,7 +118,12 @@ def _thresholds(config: pytest.Config) -> Thresholds:
         v = config.getoption(opt)
         return float(v if v is not None else config.getini(ini))
     return Thresholds(collapse_ppl_ratio=pick("collapse_ratio", "harness_collapse_ratio"),
-                      min_efficacy=pick("min_efficacy", "harness_min_efficacy"))
+                      min_efficacy=pick("min_efficacy", "harness_min_efficacy"),
+                      min_neighborhood=pick("min_neighborhood", "harness_min_neighborhood"),
+                      max_kl=pick("max_kl", "harness_max_kl"),
+                      max_top1_changed=pick("max_top1_changed", "harness_max_top1_changed"),
+                      min_qa_locality=pick("min_qa_locality", "harness_min_qa_locality"),
+                      max_accuracy_drop=pick("max_accuracy_drop", "harness_max_accuracy_drop"))
 
 
 def _options(config: pytest.Config) -> Options:
@@ -82,7 +137,36 @@ def _options(config: pytest.Config) -> Options:
                    cache_dir=o("cache_dir"), hparams=o("hparam"), report_dir=_report_dir(config),
                    seq_edits=o("seq_edits"), batch_size=o("batch_size"), ppl_schedule=o("ppl_schedule"),
                    resume=o("resume"), hard_dataset=o("hard_dataset"),
+                   downstream_tasks=(o("downstream_tasks") or config.getini("harness_downstream_tasks")).split(","),
+                   downstream_limit=_downstream_limit(config), corr_edits=o("corr_edits"),
                    progress=config.getoption("capture") == "no" or not os.environ.get("CI"))
+
+
+def _downstream_limit(config: pytest.Config) -> int | None:
+    v = config.getoption("downstream_limit")
+    v = int(v if v is not None else config.getini("harness_downstream_limit"))
+    return v if v > 0 else None
+
+
+def _localization_options(config: pytest.Config, options: Options) -> None:
+    o = config.getoption
+    try:
+        windows = [int(w) for w in str(o("sweep_windows")).split(",") if w.strip()]
+    except ValueError:
+        raise pytest.UsageError(f"--sweep-windows {o('sweep_windows')}: expected integers such as 1,3") from None
+    if not windows or min(windows) < 1:
+        raise pytest.UsageError(f"--sweep-windows {o('sweep_windows')}: windows must be >= 1")
+    options.known_facts, options.trace_noise = o("known_facts"), o("trace_noise")
+    options.trace_samples, options.trace_window = o("trace_samples"), o("trace_window")
+    options.trace_facts = o("trace_facts") or None
+    options.known_cases = o("known_cases") or None
+    options.sweep_layers, options.sweep_windows, options.sweep_facts = o("sweep_layers"), windows, o("sweep_facts") or None
+
+
+def _localization_thresholds(config: pytest.Config, thresholds: Thresholds) -> None:
+    for name in ("min_trace_drop", "min_rewrite_score", "min_sweep_success"):
+        v = config.getoption(name)
+        setattr(thresholds, name, float(v if v is not None else config.getini(f"harness_{name}")))
 
 
 def _report_dir(config: pytest.Config) -> str:
@@ -109,7 +193,14 @@ def pytest_configure(config: pytest.Config) -> None:
         validate_overrides(options.hparams, options.editors)
     except HparamsError as e:
         raise pytest.UsageError(str(e)) from None
+    from .downstream.evaluator import UnknownTaskError, parse_tasks
+    try:
+        options.downstream_tasks = parse_tasks(options.downstream_tasks)
+    except UnknownTaskError as e:
+        raise pytest.UsageError(f"--downstream-tasks: {e}") from None
+    _localization_options(config, options)
     thresholds = _thresholds(config)
+    _localization_thresholds(config, thresholds)
     config.stash[_SESSION] = HarnessSession(options, thresholds)
     config.stash[_RUN] = BenchmarkRun(config={
         "editors": options.editors, "model": options.model, "dataset": options.dataset, "n_cases": options.n_cases,
@@ -143,12 +234,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     session = metafunc.config.stash[_SESSION]
     if "editor_name" in metafunc.fixturenames:
         metafunc.parametrize("editor_name", session.options.editors, scope="session")
+    if "fact" in metafunc.fixturenames:            # tracing suite: known facts
+        facts = session.known_facts()
+        metafunc.parametrize("fact", facts, ids=[f"{f.source}-{f.case_id}" for f in facts])
+    if "sweep_window" in metafunc.fixturenames:    # layer sweep: editing windows
+        metafunc.parametrize("sweep_window", session.options.sweep_windows, ids=lambda w: f"w{w}")
     if "case" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("cases")
         spec = marker.args[0] if marker else None
         if spec == "hard":
             spec = session.options.hard_dataset
-        cases = session.cases(spec) if spec else session.cases()
+        cases = (session.known_cases(session.options.known_cases) if spec == "known"
+                 else session.cases(spec) if spec else session.cases())
         metafunc.parametrize("case", cases, ids=[c.case_id for c in cases])
 
 
@@ -178,7 +275,7 @@ def record(request: pytest.FixtureRequest, harness: HarnessSession) -> Record:
     suite = marker.args[0] if marker else request.node.module.__name__.removeprefix("test_")
     params = getattr(request.node, "callspec", None)
     p = params.params if params else {}
-    case = p.get("case")
+    case = p.get("case") or p.get("fact")
     rec = Record(suite, p.get("editor_name"), getattr(case, "case_id", None), PhaseTimer(harness.lm.device),
                  subject=getattr(case, "subject", None))
     rec.data["model"] = harness.lm.identity

@@ -47,6 +47,19 @@ class Options:
     ppl_schedule: str = "every"     # sequential suite: every, every:K, geometric
     resume: bool = False            # sequential suite: continue from the journal of an interrupted run
     hard_dataset: str = "builtin-hard"
+    # localization suites (causal tracing, layer sweep, editing problems)
+    known_facts: str = "auto"       # tracing: "known" (ROME's known_1000.json), "builtin-known" or a file
+    trace_facts: int | None = 10    # tracing: facts the model knows, traced one test each
+    trace_noise: float = 3.0        # noise std as a multiple of the input embeddings' std (ROME: 3)
+    trace_samples: int = 10         # noise draws per fact (ROME: 10)
+    trace_window: int = 10          # layers restored together for mlp / attn tracing (ROME: 10)
+    known_cases: int | None = 4     # editing problems: cases whose true answer the model knows
+    sweep_layers: str = "every:6"   # layer sweep: every:K, all, or a comma list of layers
+    sweep_windows: list[int] = field(default_factory=lambda: [1])
+    sweep_facts: int | None = 3     # layer sweep: known cases edited at every swept layer
+    downstream_tasks: list[str] = field(default_factory=lambda: ["boolq", "piqa", "arc_challenge"])
+    downstream_limit: int | None = 20   # examples per downstream task (None: all)
+    corr_edits: int = 3                 # downstream suite: sequential edits for the ppl-accuracy correlation
 
 
 class HarnessSession:
@@ -62,6 +75,10 @@ class HarnessSession:
         self._editors: dict[str, Editor] = {}
         self._cases: list[EditCase] | None = None
         self._machine: dict[str, Any] | None = None
+        self._tracer = None             # localization: the CausalTracer, and traces memoised per case
+        self._traces: dict[tuple[str, str], Any] = {}
+        self._drift_ref = None          # locality: the unedited model's hidden states on general text
+        self._downstream = None         # downstream: lm-eval wrapper holding the base-model scores
 
     # --- resources --------------------------------------------------------------------------------------
     @property
@@ -128,6 +145,59 @@ class HarnessSession:
             self._machine = machine_info(str(self.lm.device), self.lm.identity.get("dtype"))
         return self._machine
 
+    # --- localization: causal tracing, layer sweep, editing problems (harness/tracing.py, problems.py) ------
+    @property
+    def tracer(self):
+        if self._tracer is None:
+            from .tracing import CausalTracer
+            o = self.options
+            self._tracer = CausalTracer(self.lm, noise=o.trace_noise, samples=o.trace_samples, window=o.trace_window)
+        return self._tracer
+
+    def known_facts(self) -> list:
+        """The first ``trace_facts`` facts of ``--known-facts`` whose answer the model predicts (top-1)."""
+        from .data.known_facts import load_known_facts
+        from .problems import knows
+        facts = load_known_facts(self.options.known_facts, data_dir=self.options.data_dir)
+        limit = self.options.trace_facts
+        out = []
+        for f in facts:
+            if limit is not None and len(out) >= limit:
+                break
+            if knows(self.lm, f.prompt, f.attribute):
+                out.append(f)
+        return out
+
+    def known_cases(self, limit: int | None) -> list[EditCase]:
+        """The run's dataset (all of it) filtered to cases whose true answer the model predicts; the first ``limit``."""
+        from .problems import known_cases
+        return known_cases(self.lm, self.cases(limit=None), limit)
+
+    def trace_case(self, case):
+        """Causal tracing of a case's true answer on its rewrite prompt, memoised for the session."""
+        key = (case.case_id, case.rewrite_prompt)
+        if key not in self._traces:
+            self._traces[key] = self.tracer.trace(case.rewrite_prompt, case.subject, case.target_true)
+        return self._traces[key]
+
+    def sweep_layers(self) -> list[int]:
+        """``--sweep-layers``: every:K (0, K, 2K, ...), all, or a comma list (negative counts from the end)."""
+        from .tracing import parse_layers
+        return parse_layers(self.options.sweep_layers, self.lm.n_layers)
+
+    def layer_sweep(self, editor_name: str, window: int):
+        """Edit each known case at each swept layer with a fresh ``editor_name`` instance (owned by the sweep)."""
+        from .problems import LayerSweep
+        editor = build_editor(editor_name, self.lm, self.options.hparams, stats=self.stats)
+        sweep = LayerSweep(self.lm, editor, lambda ed, case: self.edited(ed, [case]), self.trace_case, window=window,
+                           progress=print if self.options.progress else None)
+        return sweep.run(self.known_cases(self.options.sweep_facts), self.sweep_layers())
+
+    def editing_problem(self, editor: Editor, case: EditCase, problem: str, timer: PhaseTimer):
+        """One of Hase et al.'s five editing problems for ``case``: (metrics, info); the model is restored after."""
+        from .problems import run_problem
+        return run_problem(self.lm, case, problem, self.tracer, lambda request: self.edited(editor, [request], timer))
+
     # --- measurements ----------------------------------------------------------------------------------
     def perplexity(self) -> PerplexityResult:
         lm = self.lm
@@ -138,6 +208,23 @@ class HarnessSession:
         if self._ppl_base is None:
             self._ppl_base = self.perplexity()
         return self._ppl_base
+
+    def drift_reference(self):
+        """The unedited model's next-token distributions on the perplexity texts (as final hidden states), built
+        once per session (restores are bit-exact); the locality suite's KL / top-1 reference."""
+        if self._drift_ref is None:
+            from .locality import DriftReference
+            self._drift_ref = DriftReference.build(self.lm.model, self.lm.tokenizer, self.ppl_texts())
+        return self._drift_ref
+
+    @property
+    def downstream(self):
+        """The downstream evaluator (lm-eval on the in-memory model); it caches the base-model scores per task and
+        example limit for the session. Raises ``DownstreamUnavailable`` when lm-eval is not installed."""
+        if self._downstream is None:
+            from .downstream import DownstreamEvaluator
+            self._downstream = DownstreamEvaluator(self.lm, data_dir=self.options.data_dir)
+        return self._downstream
 
     def counterfact(self, case: EditCase, edit: Edit | None = None) -> dict[str, Any]:
         return counterfact_metrics(self.lm.model, self.lm.tokenizer, case,

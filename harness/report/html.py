@@ -191,6 +191,9 @@ def build_plots(records: list[dict], editors: list[str], collapse_ratio: float |
         ("Perplexity vs number of edits", "Perplexity relative to the unedited model along each "
          "sequential-editing run; the dashed line is the collapse threshold.",
          lambda: plot_ppl_curves(active, editors, collapse_ratio)),
+        ("Downstream accuracy vs perplexity", "Accuracy per downstream task against perplexity at each state of "
+         "a sequential run (base model, then after each edit); the legend gives the Spearman correlation.",
+         lambda: plot_downstream_vs_ppl(active, editors)),
         ("Edited-layer norm growth", "L1 norm of the edited weights after each number of edits.",
          lambda: plot_series(active, editors, "norm_l1", "L1 norm of edited weights")),
         ("Time per phase", "Mean seconds per test record, stacked by phase, per editor and suite.",
@@ -201,6 +204,14 @@ def build_plots(records: list[dict], editors: list[str], collapse_ratio: float |
         ("Score distributions", "Per-record efficacy, generalization (paraphrase) and locality "
          "(neighborhood) scores.",
          lambda: plot_scores(active, editors)),
+        ("Causal tracing: average effect per layer", "P(answer | noised subject, clean state restored at the "
+         "subject's last token) - P(answer | noised subject), averaged over the traced facts, per layer and kind "
+         "(residual stream; MLP and attention outputs restored over a window of layers).",
+         lambda: plot_tracing_heatmap(active)),
+        ("Layer sweep: edit success and tracing effect per layer", "Mean edit success (rewrite score) of an edit "
+         "at each swept layer, per editor and window (solid), and the mean tracing effect at that layer (dashed); "
+         "the legend gives R^2 of edit success on the tracing effect and on the layer.",
+         lambda: plot_layer_sweep(active)),
     ]
     plots = []
     for title, caption, make in makers:
@@ -294,6 +305,37 @@ def plot_ppl_curves(records: list[dict], editors: list[str], collapse_ratio: flo
     if _use_log_scale(values + ([collapse_ratio] if collapse_ratio else [])):
         ax.set_yscale("log")
     ax.set_ylabel("perplexity / perplexity before editing")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_downstream_vs_ppl(records: list[dict], editors: list[str]) -> Figure | None:
+    """Downstream suite's correlation records: accuracy per task against perplexity, one line per (editor, task)."""
+    lines = []
+    for rec in records:
+        series = metric(rec, "downstream_series")
+        if not isinstance(series, list) or not series:
+            continue
+        tasks = sorted({k for row in series if isinstance(row, dict) for k in row} - {"n_edits", "ppl"})
+        for task in tasks:
+            pts = [(as_number(row.get("ppl")), as_number(row.get(task))) for row in series if isinstance(row, dict)]
+            pts = [(x, y) for x, y in pts if x is not None and y is not None and math.isfinite(x) and x > 0]
+            if pts:
+                rho = as_number(metric(rec, f"ppl_downstream_spearman_{task}"))
+                label = f"{editor_of(rec)}: {task}" + (f" (rho {rho:+.2f})" if rho is not None else "")
+                lines.append((safe_label(label), pts))
+    if not lines:
+        return None
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for i, (label, pts) in enumerate(lines):
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=label)
+    if _use_log_scale([x for _, pts in lines for x, _ in pts]):
+        ax.set_xscale("log")
+    ax.set_xlabel("perplexity")
+    ax.set_ylabel("downstream accuracy")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
 
@@ -399,4 +441,61 @@ def plot_scores(records: list[dict], editors: list[str]) -> Figure | None:
         values = [v for vs in groups.values() for v in vs]
         if all(0.0 <= v <= 1.0 for v in values):
             ax.set_ylim(-0.05, 1.05)
+    return fig
+
+
+# --------------------------------------------------------------------------- localization (tracing suite)
+
+
+def plot_tracing_heatmap(records: list[dict]) -> Figure | None:
+    """Average tracing effect per (kind, layer) over the tracing suite's per-fact records (metric tracing_effect,
+    a dict kind -> [effect per layer])."""
+    sums: dict[str, list[list[float]]] = defaultdict(list)
+    for rec in records:
+        effects = metric(rec, "tracing_effect")
+        if suite_of(rec) != "tracing" or not isinstance(effects, dict):
+            continue
+        for kind, row in effects.items():
+            vals = [as_number(v) for v in row] if isinstance(row, list) else []
+            if vals and all(v is not None for v in vals):
+                sums[str(kind)].append(vals)
+    kinds = [k for k in ("hidden", "mlp", "attn") if sums.get(k)] + sorted(k for k in sums if k not in
+                                                                          ("hidden", "mlp", "attn"))
+    if not kinds or len({len(r) for k in kinds for r in sums[k]}) != 1:
+        return None
+    grid = np.array([np.mean(np.array(sums[k]), axis=0) for k in kinds])          # [kinds, layers]
+    fig = _new_figure(7.0, 1.0 + 0.6 * len(kinds))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", cmap="Purples", interpolation="nearest")
+    ax.set_yticks(range(len(kinds)))
+    ax.set_yticklabels([f"{safe_label(k)} (n={len(sums[k])})" for k in kinds])
+    ax.set_xlabel("layer (centre of the restored window)")
+    fig.colorbar(image, ax=ax, label="mean effect")
+    return fig
+
+
+def plot_layer_sweep(records: list[dict]) -> Figure | None:
+    """Edit success and tracing effect against the edited layer, one line per layer-sweep record."""
+    lines = []
+    for rec in records:
+        layers, success, tracing = (metric(rec, k) for k in ("layers", "edit_success", "tracing_effect"))
+        if not (isinstance(layers, list) and isinstance(success, list) and len(layers) == len(success) > 0):
+            continue
+        r2t, r2l = as_number(metric(rec, "r2_tracing")), as_number(metric(rec, "r2_layer"))
+        label = f"{editor_of(rec)} w{metric(rec, 'window')}"
+        if r2t is not None and r2l is not None:
+            label += f" (R2 tracing {r2t:.2f}, layer {r2l:.2f})"
+        lines.append((safe_label(label), layers, success, tracing if isinstance(tracing, list) else None))
+    if not lines:
+        return None
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for i, (label, layers, success, tracing) in enumerate(lines):
+        ax.plot(layers, [as_number(v) for v in success], marker="o", color=f"C{i % 10}", label=label)
+        if tracing and len(tracing) == len(layers):
+            ax.plot(layers, [as_number(v) for v in tracing], linestyle="--", color=f"C{i % 10}")
+    ax.set_xlabel("edited layer (window centre)")
+    ax.set_ylabel("edit success / tracing effect")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return fig
