@@ -285,15 +285,22 @@ def test_unknown_spec_and_missing_data_dir(tmp_path: Path, monkeypatch: pytest.M
     assert len(load_cases("zsre")) == 1
 
 
-def test_hf_spec_error_is_one_line() -> None:
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(DataError) as e:
-            load_cases("hf:owner/name:train")
-        assert_one_line(e.value, "hf:owner/name:train", "pip install datasets")
-    else:
-        pytest.skip("datasets installed; would need the network")
+def test_hf_spec_error_is_one_line(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)            # as if the package were not installed
+    with pytest.raises(DataError) as e:
+        load_cases("hf:owner/name:train")
+    assert_one_line(e.value, "hf:owner/name:train", "pip install datasets")
+
+
+def test_hf_spec_offline_error_is_one_line(monkeypatch) -> None:
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError) as e:
+        load_cases("hf:no-such-owner/no-such-dataset:train")
+    assert_one_line(e.value, "hf:no-such-owner/no-such-dataset:train", "cannot load from the Hugging Face hub")
 
 
 def test_limit_validation() -> None:
