@@ -95,7 +95,7 @@ class FTL(Editor):
                                               reduction="none")                 # [n, T-1], 0 off-target
                     loss = objective_loss(tok_nll.sum(1) / n_tgt, objective)
                 losses.append(round(loss.item(), 4))
-                if loss.item() < hp.early_stop_loss:
+                if objective != "erase" and loss.item() < hp.early_stop_loss:   # an NLL threshold: erasure runs on
                     break
                 optimizer.zero_grad()
                 loss.backward()
