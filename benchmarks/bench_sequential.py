@@ -7,8 +7,9 @@ embedded SmolLM2-135M).
 One stream of N edits per editor, no restore in between (what the sequential suite does). Per edit it times the
 editor call alone (CUDA events on a GPU, wall clock on CPU); at N = 1, 2, 4, ... it also times the "final"
 protocol, re-scoring every edit made so far, and the perplexity. The per-edit time should stay flat for every
-editor (a slope near 0 % per edit; editors that carry state across edits, AlphaEdit's key cache and D4S's sums,
-keep it fixed-size), while the re-scoring at the end grows linearly with N.
+editor (editors that carry state across edits, AlphaEdit's key cache and D4S's sums, keep it fixed-size), while the
+re-scoring at the end grows linearly with N. An edit's time varies with its case, since the v* / z optimisation
+stops early once the target is reached; seconds per optimisation step are printed beside it and do not depend on N.
 """
 from __future__ import annotations
 
@@ -31,13 +32,15 @@ def run_editor(h: HarnessSession, name: str, n: int) -> dict:
     editor = h.editor(name)
     original = WeightSnapshot(lm.model, editor.edited_parameters(lm))
     checkpoints = set(schedule_points(len(cases), "geometric")) | {len(cases)}
-    steps, points = [], []
+    steps, points, opt_steps = [], [], []
     try:
         for i, case in enumerate(cases, start=1):
             timer = PhaseTimer(lm.device)
             with timer.phase("edit"):
-                editor.apply(lm, [case])
+                edit = editor.apply(lm, [case])
             steps.append(timer.seconds["edit"])
+            v = edit.info.get("v_steps")            # optimisation steps (v* / z early-stops per case)
+            opt_steps.append(sum(v) if isinstance(v, list) else v)
             if i in checkpoints:
                 with timer.phase("rescore"):
                     eff = [counterfact_metrics(lm.model, lm.tokenizer, c)["efficacy_success"] for c in cases[:i]]
@@ -51,10 +54,12 @@ def run_editor(h: HarnessSession, name: str, n: int) -> dict:
     finally:
         original.restore()
         editor.reset()
+    per_step = [t / n for t, n in zip(steps, opt_steps) if n]   # seconds per optimisation step: case-independent
     # the slope leaves out edit 1, which pays first-call costs (allocator, lazily loaded statistics)
     later = steps[1:] if len(steps) > 2 else steps
     slope = float(np.polyfit(np.arange(len(later)), later, 1)[0]) if len(later) > 1 else 0.0
-    return {"editor": name, "edit_s": steps, "points": points, "edit_s_mean": statistics.fmean(later),
+    return {"editor": name, "edit_s": steps, "opt_steps": opt_steps, "s_per_opt_step": per_step, "points": points,
+            "edit_s_mean": statistics.fmean(later),
             "edit_slope_pct_per_edit": 100 * slope / statistics.fmean(later)}
 
 
@@ -101,7 +106,9 @@ def main() -> None:
         results.append(run_editor(h, name, args.n))
         r = results[-1]
         print(f"{name}: {len(r['edit_s'])} edits, mean {r['edit_s_mean']:.2f} s/edit, "
-              f"slope {r['edit_slope_pct_per_edit']:+.2f} %/edit", flush=True)
+              f"slope {r['edit_slope_pct_per_edit']:+.2f} %/edit; s per edit: "
+              f"{' '.join(f'{t:.1f}' for t in r['edit_s'])}; optimisation steps: {r['opt_steps']}; s per step: "
+              f"{' '.join(f'{t:.2f}' for t in r['s_per_opt_step'])}", flush=True)
     print("\n| editor | N | edit s (edit N) | cumulative edit s | re-score all N s | re-score s/edit | ppl | "
           "final ES |")
     print("|---|---|---|---|---|---|---|---|")
