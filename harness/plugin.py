@@ -123,7 +123,10 @@ def _thresholds(config: pytest.Config) -> Thresholds:
                       max_kl=pick("max_kl", "harness_max_kl"),
                       max_top1_changed=pick("max_top1_changed", "harness_max_top1_changed"),
                       min_qa_locality=pick("min_qa_locality", "harness_min_qa_locality"),
-                      max_accuracy_drop=pick("max_accuracy_drop", "harness_max_accuracy_drop"))
+                      max_accuracy_drop=pick("max_accuracy_drop", "harness_max_accuracy_drop"),
+                      min_trace_drop=pick("min_trace_drop", "harness_min_trace_drop"),
+                      min_rewrite_score=pick("min_rewrite_score", "harness_min_rewrite_score"),
+                      min_sweep_success=pick("min_sweep_success", "harness_min_sweep_success"))
 
 
 def _options(config: pytest.Config) -> Options:
@@ -139,6 +142,10 @@ def _options(config: pytest.Config) -> Options:
                    resume=o("resume"), hard_dataset=o("hard_dataset"),
                    downstream_tasks=(o("downstream_tasks") or config.getini("harness_downstream_tasks")).split(","),
                    downstream_limit=_downstream_limit(config), corr_edits=o("corr_edits"),
+                   known_facts=o("known_facts"), trace_facts=o("trace_facts") or None, trace_noise=o("trace_noise"),
+                   trace_samples=o("trace_samples"), trace_window=o("trace_window"),
+                   known_cases=o("known_cases") or None, sweep_layers=o("sweep_layers"),
+                   sweep_windows=_sweep_windows(o("sweep_windows")), sweep_facts=o("sweep_facts") or None,
                    progress=config.getoption("capture") == "no" or not os.environ.get("CI"))
 
 
@@ -148,25 +155,14 @@ def _downstream_limit(config: pytest.Config) -> int | None:
     return v if v > 0 else None
 
 
-def _localization_options(config: pytest.Config, options: Options) -> None:
-    o = config.getoption
+def _sweep_windows(spec: str) -> list[int]:
     try:
-        windows = [int(w) for w in str(o("sweep_windows")).split(",") if w.strip()]
+        windows = [int(w) for w in str(spec).split(",") if w.strip()]
     except ValueError:
-        raise pytest.UsageError(f"--sweep-windows {o('sweep_windows')}: expected integers such as 1,3") from None
+        raise pytest.UsageError(f"--sweep-windows {spec}: expected integers such as 1,3") from None
     if not windows or min(windows) < 1:
-        raise pytest.UsageError(f"--sweep-windows {o('sweep_windows')}: windows must be >= 1")
-    options.known_facts, options.trace_noise = o("known_facts"), o("trace_noise")
-    options.trace_samples, options.trace_window = o("trace_samples"), o("trace_window")
-    options.trace_facts = o("trace_facts") or None
-    options.known_cases = o("known_cases") or None
-    options.sweep_layers, options.sweep_windows, options.sweep_facts = o("sweep_layers"), windows, o("sweep_facts") or None
-
-
-def _localization_thresholds(config: pytest.Config, thresholds: Thresholds) -> None:
-    for name in ("min_trace_drop", "min_rewrite_score", "min_sweep_success"):
-        v = config.getoption(name)
-        setattr(thresholds, name, float(v if v is not None else config.getini(f"harness_{name}")))
+        raise pytest.UsageError(f"--sweep-windows {spec}: windows must be >= 1")
+    return windows
 
 
 def _report_dir(config: pytest.Config) -> str:
@@ -198,9 +194,7 @@ def pytest_configure(config: pytest.Config) -> None:
         options.downstream_tasks = parse_tasks(options.downstream_tasks)
     except UnknownTaskError as e:
         raise pytest.UsageError(f"--downstream-tasks: {e}") from None
-    _localization_options(config, options)
     thresholds = _thresholds(config)
-    _localization_thresholds(config, thresholds)
     config.stash[_SESSION] = HarnessSession(options, thresholds)
     config.stash[_RUN] = BenchmarkRun(config={
         "editors": options.editors, "model": options.model, "dataset": options.dataset, "n_cases": options.n_cases,

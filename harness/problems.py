@@ -75,22 +75,24 @@ def top1_matches(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str]
     return out
 
 
-def knows(lm: LoadedModel, prompt: str, answer: str) -> bool:
-    """True when the answer's first token is the model's top next-token prediction after ``prompt``."""
-    return top1_matches(lm, [prompt], [answer])[0]
+def first_known(lm: LoadedModel, items: Sequence, prompt: Callable[[Any], str], answer: Callable[[Any], str],
+                limit: int | None = None) -> list:
+    """The items (in order) whose answer's first token the model predicts top-1 after their prompt, the first
+    ``limit`` of them; checked in batches, stopping once the limit is reached."""
+    out: list = []
+    for s in range(0, len(items), 64):
+        chunk = items[s:s + 64]
+        out += [x for x, ok in zip(chunk, top1_matches(lm, [prompt(x) for x in chunk], [answer(x) for x in chunk]))
+                if ok]
+        if limit is not None and len(out) >= limit:
+            return out[:limit]
+    return out
 
 
 def known_cases(lm: LoadedModel, cases: Sequence[EditCase], limit: int | None = None) -> list[EditCase]:
     """The cases whose ``target_true`` the model predicts (top-1 first token) on the rewrite prompt, in order."""
-    usable = [c for c in cases if c.target_true]
-    out: list[EditCase] = []
-    for s in range(0, len(usable), 64):
-        chunk = usable[s:s + 64]
-        out += [c for c, ok in zip(chunk, top1_matches(lm, [c.rewrite_prompt for c in chunk],
-                                                       [c.target_true for c in chunk])) if ok]
-        if limit is not None and len(out) >= limit:
-            return out[:limit]
-    return out
+    return first_known(lm, [c for c in cases if c.target_true], lambda c: c.rewrite_prompt, lambda c: c.target_true,
+                       limit)
 
 
 # --- problem construction -----------------------------------------------------------------------------------

@@ -157,16 +157,9 @@ class HarnessSession:
     def known_facts(self) -> list:
         """The first ``trace_facts`` facts of ``--known-facts`` whose answer the model predicts (top-1)."""
         from .data.known_facts import load_known_facts
-        from .problems import knows
+        from .problems import first_known
         facts = load_known_facts(self.options.known_facts, data_dir=self.options.data_dir)
-        limit = self.options.trace_facts
-        out = []
-        for f in facts:
-            if limit is not None and len(out) >= limit:
-                break
-            if knows(self.lm, f.prompt, f.attribute):
-                out.append(f)
-        return out
+        return first_known(self.lm, facts, lambda f: f.prompt, lambda f: f.attribute, self.options.trace_facts)
 
     def known_cases(self, limit: int | None) -> list[EditCase]:
         """The run's dataset (all of it) filtered to cases whose true answer the model predicts; the first ``limit``."""
