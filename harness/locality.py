@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .editors.common import encode_target
+from .tokens import encode_target, pad_batch, token_budget_batches
 from .metrics.scoring import score_targets
 from .models.snapshot import param_digest
 
@@ -74,23 +74,12 @@ def final_hidden(model, tok, texts: Sequence[str], *, prefix_ids: Sequence[int] 
     if not order:
         raise ValueError("distribution drift needs texts of at least two tokens")
     P = len(prefix_ids)
-    s = 0
-    while s < len(order):
-        e = s + 1
-        while e < len(order) and (P + len(encoded[order[e]])) * (e - s + 1) <= max_tokens_per_batch:
-            e += 1
-        idx = order[s:e]
-        T = P + len(encoded[idx[-1]])
-        ids = torch.full((len(idx), T), tok.pad_token_id if tok.pad_token_id is not None else 0, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for r, i in enumerate(idx):
-            seq = list(prefix_ids) + encoded[i]
-            ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
-        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # [b, T, d]
+    for batch in token_budget_batches([P + len(encoded[i]) for i in order], max_tokens_per_batch):
+        idx = [order[b] for b in batch]
+        ids, mask = pad_batch([list(prefix_ids) + encoded[i] for i in idx], tok.pad_token_id, device=device)
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state                      # [b, T, d]
         for r, i in enumerate(idx):
             out[i] = hidden[r, P:P + len(encoded[i]) - 1].float()                               # [T_i - 1, d]
-        s = e
     keep = [i for i in range(len(texts)) if out[i] is not None]
     return [encoded[i] for i in keep], [out[i] for i in keep]  # type: ignore[misc]
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models.loading import LoadedModel
+from .tokens import pad_batch
 
 
 class _Stop(Exception):
@@ -128,13 +129,7 @@ class LayerStats:
                        unit="tok", disable=not self.progress, leave=False)
             for s in range(0, len(chunks), self.batch_size):
                 batch = chunks[s:s + self.batch_size]
-                T = max(map(len, batch))
-                ids = torch.full((len(batch), T), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), T), dtype=torch.long)
-                for i, c in enumerate(batch):
-                    ids[i, :len(c)] = torch.tensor(c)
-                    mask[i, :len(c)] = 1
-                ids, mask = ids.to(lm.device), mask.to(lm.device)
+                ids, mask = pad_batch(batch, pad, device=lm.device)
                 current_mask["mask"] = mask
                 try:
                     lm.model(input_ids=ids, attention_mask=mask)

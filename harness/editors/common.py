@@ -16,14 +16,10 @@ import torch.nn.functional as F
 
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
+from ..tokens import encode_target, pad_batch  # noqa: F401 - encode_target re-exported for editors
 
 
 # --- tokenisation -------------------------------------------------------------------------------------
-def encode_target(tok, target: str) -> list[int]:
-    """Token ids of `` target`` as it follows a prompt (leading space, no special tokens)."""
-    return tok(" " + target.strip(), add_special_tokens=False).input_ids
-
-
 def batch_encode(tok, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask, [n, T]."""
     enc = tok(list(texts), return_tensors="pt", padding=True)
@@ -195,23 +191,15 @@ def _split_at_subject(tok, texts: Sequence[str], lookup: Sequence[int], device):
     P = max(lookup)
     S = max(len(s) - l for s, l in zip(seqs, lookup))
     n = len(seqs)
-    pre_ids = torch.full((n, P), pad, dtype=torch.long)
-    pre_mask = torch.zeros((n, P), dtype=torch.long)
+    pre_ids, pre_mask = pad_batch([s[:l] for s, l in zip(seqs, lookup)], pad, side="left", length=P)
+    suf_ids, suf_mask = pad_batch([s[l:] for s, l in zip(seqs, lookup)], pad, length=S)
     pre_pos = torch.zeros((n, P), dtype=torch.long)
-    suf_ids = torch.full((n, S), pad, dtype=torch.long)
-    suf_mask = torch.zeros((n, S), dtype=torch.long)
     suf_pos = torch.zeros((n, S), dtype=torch.long)
     suf_len = []
     for i, (s, l) in enumerate(zip(seqs, lookup)):
-        if l:
-            pre_ids[i, P - l:] = torch.tensor(s[:l])
-            pre_mask[i, P - l:] = 1
-            pre_pos[i, P - l:] = torch.arange(l)
-        m = len(s) - l
-        suf_ids[i, :m] = torch.tensor(s[l:])
-        suf_mask[i, :m] = 1
+        pre_pos[i, P - l:] = torch.arange(l)
         suf_pos[i] = torch.arange(l, l + S)
-        suf_len.append(m)
+        suf_len.append(len(s) - l)
     to = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
     return (*to(pre_ids, pre_mask, pre_pos), *to(suf_ids, suf_mask, suf_pos), suf_len)
 
