@@ -63,7 +63,8 @@ class HarnessSession:
                                       arch_override=parse_override(o.arch_override))
             except Exception as e:  # noqa: BLE001 - any failure to load is reported once, in one line
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                self._load_error = ModelUnavailable(f"--model {o.model}: {first}")
+                prefix = f"--model {o.model}: "
+                self._load_error = ModelUnavailable(first if first.startswith(prefix) else prefix + first)
                 raise self._load_error from e
         return self._lm
 
