@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .options import THRESHOLD_DEFAULTS as _D
 
 if TYPE_CHECKING:
-    from .protocols import Measurement
+    from .protocols.base import Measurement
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
