@@ -140,7 +140,10 @@ class HarnessSession:
     def sweep_layers(self) -> list[int]:
         """``--sweep-layers`` resolved against the model: every:K (0, K, 2K, ...), all, or a comma list."""
         from .tracing import parse_layers
-        return parse_layers(self.options.sweep_layers, self.lm.n_layers)
+        try:
+            return parse_layers(self.options.sweep_layers, self.lm.n_layers)
+        except ValueError as e:          # the syntax was checked at start-up; this is a layer the model lacks
+            raise ValueError(f"--sweep-layers: {e}") from None
 
     # --- references measured once on the unedited model -----------------------------------------------------
     def perplexity(self) -> PerplexityResult:
