@@ -1,0 +1,89 @@
+"""``harness export``: a run's results per (suite, editor) with 95% intervals, as lm-eval prints its tables.
+
+* ``markdown`` and ``latex``: one table per suite, a row per editor (n, then each headline metric of the registry
+  as ``value [low, high]``, or every aggregated metric with ``all_metrics``);
+* ``csv``: long form, one row per (suite, editor, metric): value, ci_low, ci_high, n, aggregation, unit, label.
+
+Every text cell is escaped for its format (``harness.report.escape``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+
+from harness.metrics.registry import REGISTRY, GroupSummary, headline_metrics, metric_spec
+from harness.report import fmt, fmt_aggregate, run_groups
+from harness.report.escape import csv_text, latex_escape, markdown_cell
+
+FORMATS = ("markdown", "latex", "csv")
+
+
+def _columns(groups: list[GroupSummary], all_metrics: bool) -> list[str]:
+    names = {n for g in groups for n in g.metrics}
+    chosen = set(names) if all_metrics else set(headline_metrics(names)) | ({"timings.edit"} & names)
+    return sorted(chosen, key=REGISTRY.order)
+
+
+def _by_suite(groups: list[GroupSummary]) -> dict[str, list[GroupSummary]]:
+    out: dict[str, list[GroupSummary]] = {}
+    for g in groups:
+        out.setdefault(g.suite, []).append(g)
+    return out
+
+
+def _rows(groups: list[GroupSummary], columns: list[str]) -> list[list[str]]:
+    return [[g.editor, str(g.n), f"{g.passed}/{g.n}", *[fmt_aggregate(g.metrics.get(c), None, 4) for c in columns]]
+            for g in groups]
+
+
+def to_markdown(groups: list[GroupSummary], all_metrics: bool = False) -> str:
+    parts = []
+    for suite, members in _by_suite(groups).items():
+        columns = _columns(members, all_metrics)
+        headers = ["editor", "n", "passed", *[metric_spec(c).display for c in columns]]
+        parts += [f"### {markdown_cell(suite)}", "",
+                  "| " + " | ".join(markdown_cell(h) for h in headers) + " |",
+                  "|---|" + "---:|" * (len(headers) - 1)]
+        parts += ["| " + " | ".join(markdown_cell(c) for c in row) + " |" for row in _rows(members, columns)]
+        parts.append("")
+    parts.append("Cells: mean [95% bootstrap CI over cases]; timings: median; collapse@: fewest edits to collapse.")
+    return "\n".join(parts) + "\n"
+
+
+def to_latex(groups: list[GroupSummary], all_metrics: bool = False) -> str:
+    parts = []
+    for suite, members in _by_suite(groups).items():
+        columns = _columns(members, all_metrics)
+        headers = ["editor", "n", "passed", *[metric_spec(c).display for c in columns]]
+        parts += [r"\begin{table}[h]", r"\centering", r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}",
+                  r"\hline", " & ".join(latex_escape(h) for h in headers) + r" \\", r"\hline"]
+        parts += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in _rows(members, columns)]
+        parts += [r"\hline", r"\end{tabular}",
+                  r"\caption{" + latex_escape(f"{suite}: mean [95% bootstrap CI over cases]") + "}",
+                  r"\end{table}", ""]
+    return "\n".join(parts)
+
+
+def to_csv(groups: list[GroupSummary]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["suite", "editor", "metric", "label", "value", "ci_low", "ci_high", "n", "aggregation", "unit"])
+    for g in groups:
+        for name, agg in g.metrics.items():
+            spec = metric_spec(name)
+            writer.writerow([csv_text(g.suite), csv_text(g.editor), csv_text(name), csv_text(spec.display),
+                             *[fmt(v, 6) if v is not None else "" for v in (agg.value, agg.low, agg.high)],
+                             agg.n, agg.aggregation, csv_text(spec.unit)])
+    return buf.getvalue()
+
+
+EXPORTERS: dict[str, Callable[[list[GroupSummary], bool], str]] = {
+    "markdown": to_markdown, "latex": to_latex, "csv": lambda groups, _all: to_csv(groups)}
+
+
+def export_table(run: dict, format: str, all_metrics: bool = False) -> str:
+    """The run's per (suite, editor) aggregates in ``format`` (one of :data:`FORMATS`)."""
+    if format not in EXPORTERS:
+        raise ValueError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    return EXPORTERS[format](run_groups(run), all_metrics)
