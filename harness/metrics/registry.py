@@ -193,7 +193,7 @@ _m("qa_locality_acc_pre", "teacher-forced argmax accuracy of loc_ans after loc",
 _m("drift_positions", "predicted positions of the general texts", None, "drift positions",
    "positions the KL and top-1 drift are averaged over", "positions")
 # sequential editing
-_m("edits_to_collapse", "perplexity ratio reaching the collapse threshold", True, "collapse@",
+_m("edits_to_collapse", "perplexity ratio reaching the collapse threshold", True, "edits to collapse",
    "fewest edits after which the perplexity ratio reached the collapse threshold (never: the stream survived)",
    "edits", aggregation="min", relative=True, headline=True)
 _m("efficacy_immediate", CF, True, "ES immediate", "efficacy success right after each edit, mean over the stream",

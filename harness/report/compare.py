@@ -113,9 +113,9 @@ class CompareResult:
             if only_changes and row.status == "ok":
                 continue
             status = f"**{row.status.upper()}**" if row.status in REGRESSION_STATUSES else row.status
-            cells = [row.suite, row.editor, row.metric, str(row.n), fmt(row.baseline), fmt(row.current),
-                     _fmt_change(row), _fmt_tolerance(row), status]
-            lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
+            cells = [*map(markdown_cell, (row.suite, row.editor, row.metric)), str(row.n), fmt(row.baseline),
+                     fmt(row.current), _fmt_change(row), _fmt_tolerance(row), status]    # numbers: ours, plain
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         if self.not_compared:
             lines.append("Not compared (no direction in the metric registry): "

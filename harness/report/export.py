@@ -32,8 +32,9 @@ def _by_suite(groups: list[GroupSummary]) -> dict[str, list[GroupSummary]]:
     return out
 
 
-def _rows(groups: list[GroupSummary], columns: list[str]) -> list[list[str]]:
-    return [[g.editor, str(g.n), f"{g.passed}/{g.n}", *[fmt_aggregate(g.metrics.get(c), None, 4) for c in columns]]
+def _rows(groups: list[GroupSummary], columns: list[str], escape: Callable[[str], str] = str) -> list[list[str]]:
+    """Per editor: the (escaped) editor name, then numbers formatted here (no escaping needed)."""
+    return [[escape(g.editor), str(g.n), f"{g.passed}/{g.n}", *[fmt_aggregate(g.metrics.get(c), None, 4) for c in columns]]
             for g in groups]
 
 
@@ -45,9 +46,10 @@ def to_markdown(groups: list[GroupSummary], all_metrics: bool = False) -> str:
         parts += [f"### {markdown_cell(suite)}", "",
                   "| " + " | ".join(markdown_cell(h) for h in headers) + " |",
                   "|---|" + "---:|" * (len(headers) - 1)]
-        parts += ["| " + " | ".join(markdown_cell(c) for c in row) + " |" for row in _rows(members, columns)]
+        parts += ["| " + " | ".join(row) + " |" for row in _rows(members, columns, markdown_cell)]
         parts.append("")
-    parts.append("Cells: mean [95% bootstrap CI over cases]; timings: median; collapse@: fewest edits to collapse.")
+    parts.append("Cells: mean [95% bootstrap CI over cases]; timings: median; edits to collapse: the fewest over the "
+                 "sequential streams (never: none collapsed).")
     return "\n".join(parts) + "\n"
 
 
@@ -58,11 +60,25 @@ def to_latex(groups: list[GroupSummary], all_metrics: bool = False) -> str:
         headers = ["editor", "n", "passed", *[metric_spec(c).display for c in columns]]
         parts += [r"\begin{table}[h]", r"\centering", r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}",
                   r"\hline", " & ".join(latex_escape(h) for h in headers) + r" \\", r"\hline"]
-        parts += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in _rows(members, columns)]
+        parts += [" & ".join([row[0], *map(latex_escape, row[1:])]) + r" \\" for row in _rows(members, columns,
+                                                                                                 latex_escape)]
         parts += [r"\hline", r"\end{tabular}",
                   r"\caption{" + latex_escape(f"{suite}: mean [95% bootstrap CI over cases]") + "}",
                   r"\end{table}", ""]
     return "\n".join(parts)
+
+
+def to_text(groups: list[GroupSummary]) -> list[str]:
+    """Plain-text lines for the terminal: per suite, a header and a row per editor with n, passed, each headline
+    metric as ``mean [95% CI]`` and the median edit time; columns padded to their widest cell."""
+    lines = []
+    for suite, members in _by_suite(groups).items():
+        columns = _columns(members, False)
+        table = [[suite, "n", "passed", *[metric_spec(c).display for c in columns]], *_rows(members, columns)]
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        lines += [" ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                  for r in table]
+    return lines
 
 
 def to_csv(groups: list[GroupSummary]) -> str:

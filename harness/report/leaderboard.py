@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,8 +174,9 @@ def leaderboard(runs: Iterable[dict], min_n: int = DEFAULT_MIN_N) -> pd.DataFram
 
 
 # --------------------------------------------------------------------------- output
-def _cells(table: BoardTable, row: BoardRow) -> list[str]:
-    editor = f"{row.editor} (collapsed)" if row.collapsed else row.editor
+def _cells(table: BoardTable, row: BoardRow, escape: Callable[[str], str] = str) -> list[str]:
+    """A row's cells; only the editor is run-provided text (``escape`` is applied to it), the rest are numbers."""
+    editor = escape(row.editor) + (" (collapsed)" if row.collapsed else "")
     return [str(row.rank) if row.rank else "-", editor, str(row.n), str(row.runs), f"{row.collapsed}/{row.n}",
             fmt_aggregate(row.score, None, 4), *[fmt_aggregate(row.metrics[c], None, 4) for c in table.columns]]
 
@@ -195,7 +196,7 @@ def to_markdown(tables: list[BoardTable], min_n: int = DEFAULT_MIN_N) -> str:
         parts.append("")
         parts.append("| " + " | ".join(markdown_cell(h) for h in headers) + " |")
         parts.append("|" + "|".join("---" if h == "editor" else "---:" for h in headers) + "|")
-        parts.extend("| " + " | ".join(markdown_cell(c) for c in _cells(table, row)) + " |" for row in table.rows)
+        parts.extend("| " + " | ".join(_cells(table, row, markdown_cell)) + " |" for row in table.rows)
         parts.append("")
     if not tables:
         parts.append("No records in the given runs.")
@@ -210,8 +211,8 @@ def write_leaderboard(runs: list[dict], out_dir: str | Path, min_n: int = DEFAUL
     out.mkdir(parents=True, exist_ok=True)
     tables = board_tables(runs, min_n)
     md = ("# Knowledge-editing leaderboard\n\n" + to_markdown(tables, min_n) + "\nRuns:\n\n"
-          + "".join(f"- {markdown_cell(r.get('run_id') or '?')} ({markdown_cell(model_name(r))}, "
-                    f"{markdown_cell(dataset_label(r))}, started {markdown_cell(r.get('started') or '?')})\n"
+          + "".join(f"- run {markdown_cell(r.get('run_id') or '?')}: model {markdown_cell(model_name(r))}, dataset "
+                    f"{markdown_cell(dataset_label(r))}, started {markdown_cell(r.get('started') or '?')}\n"
                     for r in runs))
     md_path = atomic_write_text(out / "leaderboard.md", md)
     html = template_env().get_template("leaderboard.html.j2").render(
