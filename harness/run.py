@@ -135,7 +135,7 @@ class BenchmarkRun:
             "duration_s": (finished - datetime.fromisoformat(self.started)).total_seconds(),
             "model": model, "machine": machine,
             "config": {**self.config, "thresholds": asdict(self.thresholds)},
-            "provenance": self.provenance or {},
+            "provenance": self.provenance or {"error": "not collected (a BenchmarkRun written without the plugin)"},
             "records": [{k: v for k, v in r.items() if k not in ("model", "machine")} for r in records],
             "summary": self.summary(),
         })

@@ -241,6 +241,7 @@ _m("peak_tracing_layer", SWEEP, None, "peak tracing layer", "swept layer with th
 _m("r2_tracing", SWEEP, None, "R2 tracing", "OLS R^2 of edit success on [1, tracing effect]", "R^2", headline=True)
 _m("r2_layer", SWEEP, None, "R2 layer", "OLS R^2 of edit success on one-hot(layer)", "R^2", headline=True)
 _m("r2_both", SWEEP, None, "R2 both", "OLS R^2 of edit success on [one-hot(layer), tracing effect]", "R^2")
+_m("n_points", SWEEP, None, "points", "(fact, layer) points in the R^2 fits", "points")
 _m("r2_tracing_{kind}", SWEEP, None, "R2 tracing {kind}", "R^2 of edit success on the {kind} tracing effect", "R^2")
 # the five editing problems
 _m("rewrite_score", PROBLEM, True, "rewrite", "on the rewrite prompt", "score", headline=True)

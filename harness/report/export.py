@@ -83,7 +83,7 @@ def to_text(groups: list[GroupSummary]) -> list[str]:
 
 def to_csv(groups: list[GroupSummary]) -> str:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv.writer(buf)        # RFC 4180 rows ending in CR LF: a field holding CR or LF is quoted
     writer.writerow(["suite", "editor", "metric", "label", "value", "ci_low", "ci_high", "n", "aggregation", "unit"])
     for g in groups:
         for name, agg in g.metrics.items():
