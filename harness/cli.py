@@ -68,7 +68,13 @@ def _add_leaderboard(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from harness.report.leaderboard import DEFAULT_MIN_N, board_tables, load_runs, to_markdown, write_leaderboard
+    from harness.report.leaderboard import (
+        DEFAULT_MIN_N,
+        board_tables,
+        load_runs,
+        to_markdown,
+        write_leaderboard,
+    )
 
     min_n = args.min_n or DEFAULT_MIN_N
     runs = load_runs(args.runs)

@@ -13,7 +13,12 @@ from harness.metrics.registry import summarize
 from harness.report import RunFileError
 from harness.report.compare import compare
 from harness.report.html import render_html, write_html
-from harness.report.leaderboard import board_tables, leaderboard, load_runs, write_leaderboard
+from harness.report.leaderboard import (
+    board_tables,
+    leaderboard,
+    load_runs,
+    write_leaderboard,
+)
 
 XSS = "<script>alert(1)</script>"
 XSS_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"

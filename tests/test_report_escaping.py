@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
+from harness.report import run_groups
 from harness.report.escape import LATEX_ESCAPES, csv_text, latex_escape, markdown_cell
 from harness.report.export import to_csv, to_latex
-from harness.report import run_groups
 from harness.report.html import render_html
 from harness.report.leaderboard import board_tables, to_markdown, write_leaderboard
 from tests.test_report import make_run

@@ -24,8 +24,16 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from harness.metrics.registry import Aggregate, GroupSummary, MetricSpec, metric_spec, summarize, to_number
+from harness.metrics.registry import (
+    Aggregate,
+    GroupSummary,
+    MetricSpec,
+    metric_spec,
+    summarize,
+    to_number,
+)
 from harness.schema import SCHEMA_VERSION, SUPPORTED_VERSIONS, schema_errors
+
 TEMPLATES_DIR = Path(__file__).with_name("templates")
 _RUN_HINT = "pass a run JSON written by the harness pytest plugin (reports/run-<id>.json)"
 

@@ -37,7 +37,14 @@ from harness.metrics.registry import (
     record_value,
     to_number,
 )
-from harness.report import dataset_of, editor_of, fmt, model_name, suite_of, thresholds_of
+from harness.report import (
+    dataset_of,
+    editor_of,
+    fmt,
+    model_name,
+    suite_of,
+    thresholds_of,
+)
 
 DEFAULT_TOLERANCES: dict[str, float | None] = {
     "score": 0.05,

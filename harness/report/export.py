@@ -12,7 +12,12 @@ import csv
 import io
 from collections.abc import Callable
 
-from harness.metrics.registry import REGISTRY, GroupSummary, headline_metrics, metric_spec
+from harness.metrics.registry import (
+    REGISTRY,
+    GroupSummary,
+    headline_metrics,
+    metric_spec,
+)
 from harness.report import fmt, fmt_aggregate, run_groups
 from harness.report.escape import csv_text, latex_escape, markdown_cell
 

@@ -20,10 +20,16 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
-from harness.metrics.registry import FAILED_OUTCOMES, REGISTRY, GroupSummary, aggregate, headline_metrics, metric_spec
+from harness.metrics.registry import (
+    FAILED_OUTCOMES,
+    REGISTRY,
+    GroupSummary,
+    aggregate,
+    headline_metrics,
+    metric_spec,
+)
 from harness.report import (
     as_number,
     editor_of,

@@ -25,10 +25,25 @@ from typing import Any
 
 import pandas as pd
 
-from harness.metrics.registry import Aggregate, aggregate_records, headline_metrics, metric_spec, record_names, \
-    to_number
-from harness.report import collapse_threshold, dataset_label, editor_of, fmt_aggregate, is_skipped, load_run, \
-    model_name, suite_of, template_env
+from harness.metrics.registry import (
+    Aggregate,
+    aggregate_records,
+    headline_metrics,
+    metric_spec,
+    record_names,
+    to_number,
+)
+from harness.report import (
+    collapse_threshold,
+    dataset_label,
+    editor_of,
+    fmt_aggregate,
+    is_skipped,
+    load_run,
+    model_name,
+    suite_of,
+    template_env,
+)
 from harness.report.compare import case_key
 from harness.report.escape import markdown_cell
 
