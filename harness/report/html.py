@@ -4,6 +4,12 @@ Plots are drawn with matplotlib on an explicit Agg canvas (``FigureCanvasAgg``) 
 object-oriented ``Figure`` API, so no GUI backend is touched and pyplot's global state (and any
 backend the caller chose) is left alone. Only editor, metric and phase names reach plot labels,
 and those are reduced to a safe character set first.
+
+Layout for a paper or a PR: failures first, then one summary table per suite (every headline metric of the
+registry as mean [95% bootstrap interval], column tooltips from the registry), the plots (perplexity axes zoomed
+to the data or log-scaled, integer edit counts, legends beside the axes, one panel per score with its mean and
+interval), the per-record tables (failed records first), and the provenance. Tables sort by a click on a header
+and filter from a box above them: one static inline script, with no run data in it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from harness.metrics.registry import (
     FAILED_OUTCOMES,
@@ -232,7 +238,8 @@ def build_plots(records: list[dict], editors: list[str], collapse_ratio: float |
     for title, caption, make in makers:
         fig = make()
         if fig is not None:
-            plots.append({"title": title, "caption": caption, "svg": figure_to_svg(fig, f"plot{len(plots)}")})
+            plots.append({"title": title, "caption": caption, "svg": figure_to_svg(fig, f"plot{len(plots)}"),
+                          "panel": title.startswith("Distribution: ")})
     return plots
 
 
@@ -264,7 +271,7 @@ def safe_label(text: Any) -> str:
     return label or "unnamed"
 
 
-def _new_figure(width: float = 7.0, height: float = 3.8) -> Figure:
+def _new_figure(width: float = 6.2, height: float = 3.4) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -316,9 +323,7 @@ def _zoom(ax: Any, values: list[float]) -> None:
     lo, hi = min(values), max(values)
     pad = max((hi - lo) * 0.1, abs(hi) * 0.002, 1e-6)
     ax.set_ylim(lo - pad, hi + pad)
-    span = hi - lo + 2 * pad
-    decimals = max(0, min(4, 1 - int(math.floor(math.log10(span))) if span > 0 else 3))
-    ax.yaxis.set_major_formatter(FormatStrFormatter(f"%.{decimals}f"))
+    ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))    # 1.008, not "+1" and 0.008
 
 
 def _line_plot(lines: dict[str, list[list[tuple[float, float]]]], editors: list[str]) -> tuple[Figure, Any]:
@@ -445,7 +450,7 @@ def _box_with_points(ax: Any, groups: dict[str, list[float]], mean_ci: bool = Fa
         if mean_ci:
             agg = aggregate(values)
             if agg.value is not None and agg.low is not None:
-                ax.errorbar(i + 0.3, agg.value, yerr=[[agg.value - agg.low], [agg.high - agg.value]], fmt="o",
+                ax.errorbar(i + 0.32, agg.value, yerr=[[agg.value - agg.low], [agg.high - agg.value]], fmt="o",
                             color="black", markersize=4, capsize=3, linewidth=1.2)
     ax.set_xticks(range(1, len(labels) + 1), [safe_label(e) for e in labels])
     ax.set_xlim(0.4, len(labels) + 0.7)
@@ -491,7 +496,7 @@ def plot_score_panel(records: list[dict], editors: list[str], name: str) -> Figu
     groups = _values_by_editor(records, editors, name)
     if not groups:
         return None
-    fig = _new_figure(width=max(3.6, 1.0 * len(groups) + 2.2), height=3.0)
+    fig = _new_figure(width=max(3.4, 0.9 * len(groups) + 1.8), height=2.8)
     ax = fig.add_subplot()
     _box_with_points(ax, groups, mean_ci=True)
     values = [v for vs in groups.values() for v in vs]
