@@ -144,6 +144,7 @@ def provenance_context(prov: Any) -> dict | None:
     editors = prov.get("editors") if isinstance(prov.get("editors"), dict) else {}
     corpora = prov.get("corpora") if isinstance(prov.get("corpora"), dict) else {}
     return {
+        "error": prov.get("error"),
         "harness": _items(prov.get("harness")),
         "dataset": [(k, v) for k, v in _items(dataset) if k != "case_ids"],
         "case_ids": ", ".join(str(c) for c in dataset.get("case_ids") or []),
