@@ -210,7 +210,9 @@ class SequentialRun:
         if not self.checkpoint.exists():
             return None
         try:
-            ck = torch.load(self.checkpoint, weights_only=True, map_location="cpu")
+            with warnings.catch_warnings():    # torch's own remarks on a garbled pickle: the refusal says it
+                warnings.simplefilter("ignore")
+                ck = torch.load(self.checkpoint, weights_only=True, map_location="cpu")
         except Exception as e:  # any unpickling / zip / IO failure: the file is damaged
             raise self._refuse(self.checkpoint, f"damaged checkpoint ({_first_line(e)[:120]})") from None
         if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:

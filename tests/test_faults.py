@@ -5,6 +5,7 @@ a prompt beyond the model's context is refused before anything is allocated."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -193,3 +194,174 @@ def test_sequential_restore_is_checked_by_digest(seq_setup, tmp_path, monkeypatc
 def _digest(lm) -> str:
     from harness.models import param_digest
     return param_digest(lm.model)
+
+
+# ------------------------------------------------------------------------------- cached de-quantized weights
+
+@pytest.fixture
+def fake_gguf(tmp_path, tiny_llama, monkeypatch):
+    """A stand-in .gguf whose "de-quantization" saves the tiny Llama: the cache machinery runs for real (manifest,
+    verification, rebuild, scratch folders) without a real GGUF. Yields (gguf path, cache dir, build counter)."""
+    import harness.models.loading as loading
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    builds = {"n": 0}
+
+    def dequantize(_gguf, out):
+        builds["n"] += 1
+        tiny_llama.model.save_pretrained(out)
+        tiny_llama.tokenizer.save_pretrained(out)
+    monkeypatch.setattr(loading, "_dequantize", dequantize)
+    return gguf, tmp_path / "cache", builds
+
+
+def _load(gguf, cache):
+    from harness.models import load_model
+    return load_model(str(gguf), device="cpu", cache_dir=cache)
+
+
+def _model_folders(cache: Path) -> list[str]:
+    return sorted(p.name for p in (cache / "models").iterdir())
+
+
+def _zero_middle(path: Path, n: int = 4096) -> None:
+    """Overwrite ``n`` bytes in the middle of a file with zeros (same size, same mtime class of damage)."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\0" * n)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("zeroed", "does not match the SHA-256"),
+    ("truncated", "truncated"),
+    ("no-config", "config.json is missing"),
+    ("no-manifest", "no harness-manifest.json"),
+])
+def test_damaged_cached_weights_are_rebuilt(fake_gguf, damage, reason):
+    from harness.models import param_digest
+    from harness.models.loading import MANIFEST, CacheWarning
+    gguf, cache, builds = fake_gguf
+    digest = param_digest(_load(gguf, cache).model)
+    (folder,) = (cache / "models").iterdir()
+    assert (folder / MANIFEST).is_file() and builds["n"] == 1
+    weights = folder / "model.safetensors"
+    if damage == "zeroed":
+        _zero_middle(weights)
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    elif damage == "no-config":
+        (folder / "config.json").unlink()
+    else:
+        (folder / MANIFEST).unlink()
+    with pytest.warns(CacheWarning, match=reason):
+        lm = _load(gguf, cache)
+    assert builds["n"] == 2 and param_digest(lm.model) == digest
+    assert _model_folders(cache) == [folder.name]          # no scratch or moved-aside folder left behind
+    _load(gguf, cache)
+    assert builds["n"] == 2                                # the rebuilt folder verifies
+
+
+def test_failed_build_leaves_no_scratch_folder(fake_gguf, monkeypatch):
+    """A build that dies half-way (disk full, interrupted) removes its scratch folder; so does the next build for
+    the scratch folder of a process that was killed."""
+    import harness.models.loading as loading
+    gguf, cache, builds = fake_gguf
+    good = loading._dequantize
+
+    def half(gguf_, out):
+        good(gguf_, out)
+        raise OSError("No space left on device")
+    monkeypatch.setattr(loading, "_dequantize", half)
+    with pytest.raises(OSError, match="No space"):
+        _load(gguf, cache)
+    assert _model_folders(cache) == []
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = f"tiny-{loading._file_digest(gguf)}"
+    stale = cache / "models" / f"{target}.tmp-{socket.gethostname()}-{dead.pid}-abcd1234"    # a killed build's
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(loading, "_dequantize", good)
+    _load(gguf, cache)
+    assert _model_folders(cache) == [target]
+
+
+def test_nan_weights_are_a_load_error_naming_the_file(tiny_llama, tmp_path):
+    """NaN weights are a one-line load error naming the model, the weight and the file, not a "collapse" blamed
+    on the editor."""
+    from harness.models import ModelLoadError, load_model
+    name = "model.layers.2.mlp.down_proj.weight"
+    w = dict(tiny_llama.model.named_parameters())[name]
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w[3, 5] = float("nan")
+    try:
+        tiny_llama.model.save_pretrained(tmp_path)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(tmp_path), device="cpu", cache_dir=tmp_path / "cache")
+    msg = str(e.value)
+    assert "\n" not in msg and name in msg and str(tmp_path / "model.safetensors") in msg and "1 NaN/inf" in msg
+
+
+def test_fingerprint_sees_damage_anywhere(tiny_llama):
+    """The fingerprint that keys the statistics cache samples every weight tensor (it used to sample five)."""
+    from harness.models.loading import fingerprint
+    before = fingerprint(tiny_llama.model)
+    w = tiny_llama.model.model.layers[2].mlp.down_proj.weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w[:, : w.shape[1] // 2] = 0           # half of one middle tensor zeroed
+    try:
+        assert fingerprint(tiny_llama.model) != before
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert fingerprint(tiny_llama.model) == before
+
+
+# -------------------------------------------------------------------------------------- statistics cache
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncated", "unreadable"),
+    ("garbage", "unreadable"),
+    ("flipped", "does not match its SHA-256"),
+    ("foreign", "of another model, layer, corpus or token count"),
+    ("old-format", "unreadable .KeyError"),
+])
+def test_damaged_statistics_cache_is_recomputed(tiny_gpt2, tmp_path, damage, reason):
+    from harness.models.loading import CacheWarning
+    stats = make_stats(tiny_gpt2, tmp_path, n_tokens=1500)
+    c1 = stats.second_moment(1).clone()
+    path = stats.path(1)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    elif damage == "garbage":
+        path.write_bytes(b"\x80\x04not a pickle at all" * 20)
+    elif damage == "flipped":
+        saved = torch.load(path, weights_only=True)
+        saved["mom2"][0, 0] += 1.0
+        torch.save(saved, path)
+    elif damage == "foreign":                          # layer 2's file copied over layer 1's
+        stats.second_moment(2)
+        path.write_bytes(stats.path(2).read_bytes())
+    else:
+        torch.save({"mom2": c1 * 2, "count": 1, "corpus": "builtin"}, path)
+    fresh = make_stats(tiny_gpt2, tmp_path, n_tokens=1500)
+    with pytest.warns(CacheWarning, match=reason) as record:
+        c2 = fresh.second_moment(1)
+    assert len(record) == 1 and "\n" not in str(record[0].message) and str(path) in str(record[0].message)
+    assert torch.equal(c1, c2)
+    again = make_stats(tiny_gpt2, tmp_path, n_tokens=1500)
+    assert torch.equal(again.second_moment(1), c1)       # the rewritten file is whole and of this key
+
+
+def test_statistics_cache_is_keyed_by_tokens_and_corpus(tiny_gpt2, tmp_path):
+    a = make_stats(tiny_gpt2, tmp_path, n_tokens=1500)
+    b = make_stats(tiny_gpt2, tmp_path, n_tokens=1000)
+    assert a.path(1) != b.path(1)
+    assert a.cache_key(1) != b.cache_key(1)
+    assert a.cache_key(1)["module"] == tiny_gpt2.adapter.mlp_name(1) and a.cache_key(1)["layer"] == 1
