@@ -4,6 +4,7 @@ in one line; damaged caches are detected and rebuilt; bad data is a one-line err
 a prompt beyond the model's context is refused before anything is allocated."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -79,11 +80,12 @@ def test_resume_after_crash_between_append_and_checkpoint(seq_setup, tmp_path, m
     resume truncates the journal back to the checkpoint, and the records equal an unbroken run's."""
     lm, reference = seq_setup[0], seq_setup[-1]
     digest = _digest(lm)
-    for save_call in (3, 1):           # fresh run dies before checkpoint 3; the resume (at 2) dies there again
-        with monkeypatch.context() as m:
+    for save_call, resume in ((3, False), (1, True)):  # a fresh run dies before checkpoint 3; the resume there too
+        replay = pytest.warns(UserWarning, match="replayed") if resume else contextlib.nullcontext()
+        with monkeypatch.context() as m, replay:
             _crash_at_save(m, save_call)
             with pytest.raises(Crash):
-                _run_of(seq_setup, tmp_path, resume=save_call == 1).run(PhaseTimer("cpu"))
+                _run_of(seq_setup, tmp_path, resume=resume).run(PhaseTimer("cpu"))
         assert _digest(lm) == digest                       # the base model is back after each crash
     run = _run_of(seq_setup, tmp_path, resume=True)
     assert len(run.journal.read_text().splitlines()) == 3  # 2 checkpointed edits + 1 journaled after
@@ -365,3 +367,108 @@ def test_statistics_cache_is_keyed_by_tokens_and_corpus(tiny_gpt2, tmp_path):
     assert a.path(1) != b.path(1)
     assert a.cache_key(1) != b.cache_key(1)
     assert a.cache_key(1)["module"] == tiny_gpt2.adapter.mlp_name(1) and a.cache_key(1)["layer"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ bad data
+
+def _rome(case_id, subject="Angola", **rewrite) -> dict:
+    rr = {"prompt": "{} is located in the continent of", "subject": subject, "relation_id": "P30",
+          "target_new": {"str": "Antarctica"}, "target_true": {"str": "Africa"}, **rewrite}
+    return {"case_id": case_id, "requested_rewrite": rr, "paraphrase_prompts": ["Angola lies in"],
+            "neighborhood_prompts": ["Ghana is in"]}
+
+
+def _write(path: Path, records) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize("subject", [["Angola", "Ghana"], ["Angola"], 7, {"str": "Angola"}])
+def test_subject_of_a_wrong_type_is_a_one_line_error(tmp_path, subject):
+    """A subject given as a list used to edit its first element silently; any non-string is now an error naming
+    file, record and field (and --skip-invalid skips it like any invalid record)."""
+    from harness.data import DataError, load_cases
+    path = _write(tmp_path / "cf.json", [_rome(1), _rome(2, subject=subject)])
+    with pytest.raises(DataError) as e:
+        load_cases(str(path))
+    msg = str(e.value)
+    assert "\n" not in msg and "cf.json record 1 (case_id 2)" in msg
+    assert "field 'requested_rewrite.subject' should be a string, got" in msg and "--skip-invalid" in msg
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"prompt": "Paris is in", "subject": ["Paris"], "target_new": "Italy"}, "subject"),
+    ({"prompt": "Paris is in", "subject": "Paris", "target_new": {"str": "Italy"}}, "target_new"),
+    ({"prompt": "Paris is in", "subject": "Paris", "target_new": "Italy", "ground_truth": [True]}, "ground_truth"),
+    ({"src": ["Where is Paris?"], "subject": "Paris", "alt": "Italy"}, "src"),
+])
+def test_wrong_types_in_other_formats(tmp_path, record, field):
+    from harness.data import DataError, load_cases
+    with pytest.raises(DataError, match=rf"x.json record 0: field '{field}' should be a string"):
+        load_cases(str(_write(tmp_path / "x.json", [record])))
+
+
+def test_an_edit_case_built_in_code_is_checked_too():
+    from harness.data import EditCase
+    with pytest.raises(TypeError, match="subject should be a non-empty string, got list"):
+        EditCase(case_id="c", subject=["Angola"], prompt="{} is in", target_new="Asia")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="has no '{}' for the subject"):
+        EditCase(case_id="c", subject="Angola", prompt="Angola is in", target_new="Asia")
+
+
+def test_skip_invalid_reports_what_it_skipped(tmp_path):
+    """--skip-invalid returns the skipped records (file, index, id, field, reason) with the cases, and warns once
+    per file with the count."""
+    from harness.data import LoadedCases, SkippedRecordsWarning, load_cases
+    records = [_rome(1), _rome(2, subject=["A", "B"]), _rome(3), "not a record", _rome(5, prompt="no slot")]
+    path = _write(tmp_path / "cf.json", records)
+    with pytest.warns(SkippedRecordsWarning, match=r"cf.json: skipped 3 invalid record\(s\)") as w:
+        cases = load_cases(str(path), skip_invalid=True)
+    assert len(w) == 1
+    assert isinstance(cases, LoadedCases) and [c.case_id for c in cases] == ["1", "3"]
+    assert [(s.file, s.index, s.record_id, s.field) for s in cases.skipped] == [
+        ("cf.json", 1, "case_id 2", "requested_rewrite.subject"), ("cf.json", 3, None, "<record>"),
+        ("cf.json", 4, "case_id 5", "requested_rewrite.prompt")]
+    assert all("\n" not in s.reason and s.reason.startswith("cf.json record") for s in cases.skipped)
+    assert json.loads(json.dumps([s.to_dict() for s in cases.skipped]))[0]["field"] == "requested_rewrite.subject"
+    assert cases.skip_summary().startswith("--skip-invalid left out 3 invalid record(s) of cf.json (first: ")
+    strict = load_cases(str(_write(tmp_path / "ok.json", [_rome(1)])))
+    assert strict.skipped == [] and strict.skip_summary() is None
+
+
+@pytest.mark.parametrize("records, needle", [
+    ([_rome(1, subject=["A"]), _rome(2, subject=3)], "all 2 record(s) read are invalid"),
+    ([], "contains no records"),
+])
+def test_all_invalid_or_empty_file_is_an_error(tmp_path, records, needle):
+    """An all-invalid file under --skip-invalid used to give zero cases, exit 0 and no report."""
+    from harness.data import DataError, load_counterfact_rome
+    path = _write(tmp_path / "cf.json", records)
+    with pytest.raises(DataError) as e:
+        load_counterfact_rome(path, skip_invalid=True)
+    assert "\n" not in str(e.value) and "cf.json" in str(e.value) and needle in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------- huge prompts
+
+def test_huge_prompt_is_refused_before_any_batch(tiny_tokenizer, monkeypatch):
+    """A 10k-token prompt (which once padded a batch until 22 GB were exhausted) raises PromptTooLong at once, on a
+    model with a small context, before a batch is padded or a forward pass runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import harness.metrics.scoring as scoring
+    from harness.tokens import PromptTooLong
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=64)).eval()
+    padded = []
+    monkeypatch.setattr(scoring, "pad_batch", lambda *a, **k: padded.append(a) or pytest.fail("batch padded"))
+    huge = "the " * 10_000
+    assert len(tiny_tokenizer(huge).input_ids) >= 10_000
+    t0 = time.perf_counter()
+    with pytest.raises(PromptTooLong) as e:
+        scoring.score_targets(model, tiny_tokenizer, ["Paris is in", huge], ["France", "Italy"])
+    assert time.perf_counter() - t0 < 5 and not padded
+    msg = str(e.value)
+    assert "\n" not in msg and "more than the model's context of 64" in msg
