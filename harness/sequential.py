@@ -7,7 +7,7 @@ and, on a schedule, perplexity (the collapse surrogate). After the last edit eve
 are saved beside it, so a run killed mid-way resumes where it stopped with the same records.
 
 What a resume trusts: the checkpoint is written atomically (temporary file, fsync, rename) and carries its own
-journal lines, the run's key and a SHA-256 of the saved weights, so it is either whole and self-consistent or is
+journal lines, the run's key and a SHA-256 of all of that, so it is either whole and self-consistent or is
 refused. The journal is checked against it line by line: lines written after the last checkpoint (a crash between
 the append and the save) are dropped and their edits replayed, lines the checkpoint has but the journal lost are
 written back, and any other difference is a one-line refusal. One run at a time writes a journal (an exclusive
@@ -32,7 +32,7 @@ from .data.case import EditCase
 from .editors.base import Editor
 from .metrics import counterfact_metrics
 from .models.loading import LoadedModel
-from .models.snapshot import WeightSnapshot, param_digest, tensors_digest
+from .models.snapshot import WeightSnapshot, param_digest
 
 CHECKPOINT_FORMAT = 2
 
@@ -165,6 +165,30 @@ def _lock_fd(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def _content_digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content (nested dicts, lists, tensors, plain values), independent of how torch lays
+    out the file: torch.load checks no checksum, so a flipped byte in a tensor would otherwise load silently."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                feed(k)
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+    feed(obj)
+    return h.hexdigest()
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a unique temporary file, fsync'd, then renamed over it."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -215,28 +239,38 @@ class SequentialRun:
                 ck = torch.load(self.checkpoint, weights_only=True, map_location="cpu")
         except Exception as e:  # any unpickling / zip / IO failure: the file is damaged
             raise self._refuse(self.checkpoint, f"damaged checkpoint ({_first_line(e)[:120]})") from None
+        try:
+            problem = self._checkpoint_problem(ck, names)
+        except (TypeError, AttributeError, ValueError, RuntimeError) as e:   # fields of the wrong type
+            problem = f"damaged checkpoint ({_first_line(e)[:120]})"
+        if problem:
+            raise self._refuse(self.checkpoint, problem)
+        return ck
+
+    def _checkpoint_problem(self, ck: Any, names: list[str]) -> str | None:
         if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-            raise self._refuse(self.checkpoint, "checkpoint of another format (an older harness version?)")
+            return "checkpoint of another format (an older harness version?)"
         if ck.get("run_key") != self.key:
-            raise self._refuse(self.checkpoint, "checkpoint of another run configuration")
+            return "checkpoint of another run configuration"
         weights = ck.get("weights")
         if not isinstance(weights, dict) or sorted(weights) != sorted(names):
-            raise self._refuse(self.checkpoint, f"checkpoint holds other weights than {names}")
-        if tensors_digest(weights) != ck.get("weights_sha256"):
-            raise self._refuse(self.checkpoint, "damaged checkpoint (its weights do not match their SHA-256)")
+            return f"checkpoint holds other weights than {names}"
+        if _content_digest({k: v for k, v in ck.items() if k != "sha256"}) != ck.get("sha256"):
+            return "damaged checkpoint (its content does not match its SHA-256)"
         lines = ck.get("journal")
-        if not isinstance(lines, list) or len(lines) != ck.get("n_batches") or len(lines) > len(self.batches):
-            raise self._refuse(self.checkpoint, "damaged checkpoint (its journal lines do not match its count)")
-        return ck
+        if (not isinstance(lines, list) or not all(isinstance(x, str) for x in lines)
+                or len(lines) != ck.get("n_batches") or len(lines) > len(self.batches)):
+            return "damaged checkpoint (its journal lines do not match its count)"
+        return None
 
     def _save(self, lines: list[str], names: list[str]) -> None:
         params = dict(self.lm.model.named_parameters())
         weights = {n: params[n].detach().cpu().clone() for n in names}
         tmp = self.checkpoint.with_name(f"{self.checkpoint.name}.{os.getpid()}.tmp")
         try:
-            torch.save({"format": CHECKPOINT_FORMAT, "run_key": self.key, "n_batches": len(lines),
-                        "journal": list(lines), "weights": weights, "weights_sha256": tensors_digest(weights),
-                        "editor_state": self.editor.state()}, tmp)
+            payload = {"format": CHECKPOINT_FORMAT, "run_key": self.key, "n_batches": len(lines),
+                       "journal": list(lines), "weights": weights, "editor_state": self.editor.state()}
+            torch.save({**payload, "sha256": _content_digest(payload)}, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             tmp.replace(self.checkpoint)

@@ -72,12 +72,14 @@ class LayerStats:
             with warnings.catch_warnings():    # torch's own remarks on a garbled pickle: the one line below says it
                 warnings.simplefilter("ignore")
                 saved = torch.load(p, weights_only=True, map_location="cpu")
-            mom2, key, digest = saved["mom2"], saved["key"], saved["sha256"]
-        except Exception as e:  # truncated zip, bad pickle, missing fields (a file of an older version)
+            mom2, key, digest = saved["mom2"], saved.get("key"), saved.get("sha256")
+            actual = tensors_digest({"mom2": mom2})
+        except Exception as e:  # truncated zip, bad pickle, not a dict of a tensor: the file is damaged
             problem = f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:100]})"
         else:
-            problem = ("of another model, layer, corpus or token count" if key != self.cache_key(layer)
-                       else "damaged (its matrix does not match its SHA-256)" if tensors_digest({"mom2": mom2}) != digest
+            problem = ("of an older harness version (no key and digest)" if key is None or digest is None
+                       else "of another model, layer, corpus or token count" if key != self.cache_key(layer)
+                       else "damaged (its matrix does not match its SHA-256)" if actual != digest
                        else None)
             if problem is None:
                 return mom2
