@@ -2,19 +2,23 @@
 
 ROME and MEMIT whiten their updates with C, estimated on general text (ROME: Wikipedia; here WikiText-2 from the
 data dir, or the built-in passages). Computing it is the slowest step of a first run, so results are cached on disk,
-keyed by model fingerprint, module, corpus, token count and dtype, and loaded with ``weights_only=True``.
+keyed by model fingerprint, module, corpus, token count and dtype, and loaded with ``weights_only=True``. Each file
+carries that key and a SHA-256 of its matrix; a damaged, truncated or foreign file is recomputed with a warning.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import uuid
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .models.loading import LoadedModel
+from .models.loading import CacheWarning, LoadedModel
+from .models.snapshot import tensors_digest
 from .tokens import pad_batch
 
 
@@ -51,6 +55,50 @@ class LayerStats:
         name = f"{self.lm.adapter.mlp_name(layer)}__{corpus}__{self.n_tokens}__{ident['dtype']}.pt"
         return self.cache_dir / "stats" / ident["fingerprint"] / name
 
+    # --- the on-disk cache: each file carries its key and a digest of its matrix --------------------------------
+    def cache_key(self, layer: int) -> dict:
+        """What a cached matrix was computed from; a file is used only when its key is exactly this."""
+        ident = self.lm.identity
+        return {"model": ident["fingerprint"], "layer": int(layer), "module": self.lm.adapter.mlp_name(layer),
+                "corpus": self.corpus_name, "n_tokens": self.n_tokens, "dtype": ident["dtype"]}
+
+    def _read_cache(self, layer: int) -> torch.Tensor | None:
+        """The cached C of ``layer`` when its file is whole and of this key; None (rebuilt, with a one-line
+        CacheWarning for a damaged or foreign file) otherwise."""
+        p = self.path(layer)
+        if p is None or not p.exists():
+            return None
+        try:
+            with warnings.catch_warnings():    # torch's own remarks on a garbled pickle: the one line below says it
+                warnings.simplefilter("ignore")
+                saved = torch.load(p, weights_only=True, map_location="cpu")
+            mom2, key, digest = saved["mom2"], saved.get("key"), saved.get("sha256")
+            actual = tensors_digest({"mom2": mom2})
+        except Exception as e:  # truncated zip, bad pickle, not a dict of a tensor: the file is damaged
+            problem = f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:100]})"
+        else:
+            problem = ("of an older harness version (no key and digest)" if key is None or digest is None
+                       else "of another model, layer, corpus or token count" if key != self.cache_key(layer)
+                       else "damaged (its matrix does not match its SHA-256)" if actual != digest
+                       else None)
+            if problem is None:
+                return mom2
+        warnings.warn(f"statistics cache {p} is {problem}; recomputing it", CacheWarning, stacklevel=4)
+        return None
+
+    def _write_cache(self, layer: int, mom2: torch.Tensor, count: int) -> None:
+        p = self.path(layer)
+        if p is None:
+            return
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f"{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # xdist workers share the dir
+        try:
+            torch.save({"mom2": mom2, "count": count, "corpus": self.corpus_name, "key": self.cache_key(layer),
+                        "sha256": tensors_digest({"mom2": mom2})}, tmp)
+            tmp.replace(p)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def second_moment(self, layer: int) -> torch.Tensor:
         """C for ``layer``: [d_in, d_in], float32, on the layer's device."""
         return self.second_moments([layer])[layer]
@@ -61,10 +109,9 @@ class LayerStats:
         for layer in layers:
             if layer in self._mem:
                 continue
-            p = self.path(layer)
-            if p is not None and p.exists():
-                saved = torch.load(p, weights_only=True, map_location="cpu")
-                self._mem[layer] = saved["mom2"]
+            cached = self._read_cache(layer)
+            if cached is not None:
+                self._mem[layer] = cached
             else:
                 missing.append(layer)
         if missing:
@@ -74,12 +121,7 @@ class LayerStats:
             self.last_compute_seconds = time.perf_counter() - t0
             for layer, (mom2, count) in computed.items():
                 self._mem[layer] = mom2
-                p = self.path(layer)
-                if p is not None:
-                    p.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = p.with_suffix(f".{os.getpid()}.tmp")   # xdist workers may share the cache dir
-                    torch.save({"mom2": mom2, "count": count, "corpus": self.corpus_name}, tmp)
-                    tmp.replace(p)
+                self._write_cache(layer, mom2, count)
         dev = self.lm.adapter.mlp_weight(self.lm.model, layers[0]).device
         return {layer: self._mem[layer].to(dev) for layer in layers}
 
