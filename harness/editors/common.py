@@ -93,43 +93,71 @@ def module_io_at(lm: LoadedModel, module_name: str, texts: Sequence[str], positi
 
 # --- context templates --------------------------------------------------------------------------------
 @torch.no_grad()
-def generate_context_templates(lm: LoadedModel, length_params: Sequence[Sequence[int]],
-                               seed_prompts: Sequence[str], seed: int = 0, top_k: int = 5) -> list[str]:
-    """``["{}"]`` plus model-generated prefixes ``"<text>. {}"``: for each ``(length, n)``, n samples of ``length``
-    tokens in all (seed prompt included), top-k sampling, as ROME's ``generate_fast`` (text NFKD-normalised, blank
-    lines folded, special tokens dropped). ROME seeds with ``<|endoftext|>`` (the tokenizer's EOS stands in when the
-    vocabulary lacks it); MEMIT with "The", "Therefore", "Because", "I", "You".
-
-    Sampling uses a private RNG state (``fork_rng``), so the templates are reproducible and the global RNG is
-    untouched."""
+def sample_top_k(lm: LoadedModel, prompts: Sequence[str], max_out_len: int, top_k: int = 5,
+                 generator: torch.Generator | None = None) -> list[str]:
+    """ROME's ``generate_fast``: each prompt continued until it is ``max_out_len`` tokens long (prompt included),
+    every token drawn from the top-``top_k`` of the plain softmax of the logits (temperature 1, no nucleus, no
+    repetition penalty, no end-of-text stop: whatever the model's ``generation_config`` says), the prompts' tokens
+    as the tokenizer gives them (special tokens included, as the reference). Decoded without special tokens (the
+    reference deletes ``<|endoftext|>``, GPT-2's only one), NFKD-normalised, blank lines folded, the leading space
+    kept. Prompts of different token lengths are sampled in groups of equal length (no padding)."""
     tok, model = lm.tokenizer, lm.model
+    encoded = [tok(p).input_ids for p in prompts]
+    out: list[str] = [""] * len(prompts)
+    for length in sorted({len(e) for e in encoded}):
+        rows = [i for i, e in enumerate(encoded) if len(e) == length]
+        ids = torch.tensor([encoded[i] for i in rows], device=lm.device)            # [b, length]
+        step_in, cache = ids, None
+        while ids.shape[1] < max_out_len:
+            o = model(input_ids=step_in, past_key_values=cache, use_cache=True)
+            cache = o.past_key_values
+            probs = torch.softmax(o.logits[:, -1].float(), dim=-1)                 # [b, V]
+            top_p, top_i = torch.topk(probs, top_k, dim=-1)                        # [b, k]
+            pick = torch.multinomial(top_p / top_p.sum(1, keepdim=True), 1, generator=generator)   # [b, 1]
+            step_in = top_i.gather(1, pick)                                        # [b, 1]
+            ids = torch.cat([ids, step_in], dim=1)
+        for r, seq in zip(rows, ids.tolist()):
+            out[r] = unicodedata.normalize("NFKD", tok.decode(seq, skip_special_tokens=True)).replace("\n\n", " ")
+    return out
+
+
+def generate_context_templates(lm: LoadedModel, length_params: Sequence[Sequence[int]],
+                               seed_prompts: Sequence[str], seed: int = 0, top_k: int = 5,
+                               brace: str = " ") -> list[str]:
+    """``["{}"]`` plus model-generated prefixes ``"<text>. {}"``: for each ``(length, n)``, ``n // len(seeds)``
+    samples per seed prompt (at least one), ``length`` tokens in all (seed included), by ``sample_top_k``.
+    ROME seeds with ``<|endoftext|>`` (the tokenizer's EOS stands in when the vocabulary lacks it) and deletes
+    braces (``brace=""``); MEMIT seeds with "The", "Therefore", "Because", "I", "You" and turns braces into spaces.
+
+    Sampling uses a private generator seeded with ``seed``: reproducible, and the global RNG is untouched."""
+    tok = lm.tokenizer
     vocab = tok.get_vocab()
     seeds = [s if s != "<|endoftext|>" or s in vocab else (tok.eos_token or tok.bos_token) for s in seed_prompts]
+    gen = torch.Generator(device=lm.device).manual_seed(int(seed))
     templates = ["{}"]
-    with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for length, n_gen in length_params:
-            prompts = [seeds[i % len(seeds)] for i in range(n_gen)]
-            enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-            enc = enc.to(lm.device)
-            new = max(1, int(length) - enc.input_ids.shape[1])
-            out = model.generate(**enc, do_sample=True, top_k=top_k, max_new_tokens=new, min_new_tokens=new,
-                                 pad_token_id=tok.pad_token_id)
-            for text in tok.batch_decode(out, skip_special_tokens=True):
-                text = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
-                text = text.replace("{", " ").replace("}", " ").strip()
-                templates.append(text + ". {}")
+    for length, n_gen in length_params:
+        per_seed = max(1, int(n_gen) // len(seeds))
+        prompts = [s for s in seeds for _ in range(per_seed)]            # prompt-major, as the reference
+        for text in sample_top_k(lm, prompts, int(length), top_k, gen):
+            templates.append(text.replace("{", brace).replace("}", brace) + ". {}")
     return templates
+
+
+def template_groups(length_params: Sequence[Sequence[int]], n_seeds: int) -> list[int]:
+    """Sizes of the template groups in ``generate_context_templates``' output: the bare ``"{}"`` and then one group
+    per ``(length, n)``."""
+    return [1] + [max(1, int(n) // n_seeds) * n_seeds for _, n in length_params]
 
 
 class ContextTemplates:
     """The owner of one editor's context templates: generated by the unedited model at first use, once per model
     (fingerprint), kept across edits, and part of the editor's state so that a resumed sequential run does not
     generate them again from an edited model. ``hparams`` needs ``context_template_length_params``,
-    ``context_seed_prompts`` and ``template_seed``."""
+    ``context_seed_prompts`` and ``template_seed``; ``brace`` is what braces in generated text become."""
 
-    def __init__(self, hparams) -> None:
+    def __init__(self, hparams, brace: str = " ") -> None:
         self.hparams = hparams
+        self.brace = brace
         self._by_model: dict[str, list[str]] = {}
 
     def __call__(self, lm: LoadedModel) -> list[str]:
@@ -137,8 +165,14 @@ class ContextTemplates:
         if key not in self._by_model:
             hp = self.hparams
             self._by_model[key] = generate_context_templates(
-                lm, hp.context_template_length_params, hp.context_seed_prompts, seed=hp.template_seed)
+                lm, hp.context_template_length_params, hp.context_seed_prompts, seed=hp.template_seed,
+                brace=self.brace)
         return self._by_model[key]
+
+    def groups(self) -> list[int]:
+        """The group sizes of the templates (``template_groups``), for group-wise key averaging."""
+        hp = self.hparams
+        return template_groups(hp.context_template_length_params, len(hp.context_seed_prompts))
 
     def state(self) -> dict[str, list[str]]:
         return dict(self._by_model)
@@ -152,13 +186,26 @@ def prompts_in_templates(case: EditCase, templates: Sequence[str]) -> list[str]:
     return [t.replace("{}", case.prompt) if t != "{}" else case.prompt for t in templates]
 
 
-def average_key(lm: LoadedModel, layer: int, case: EditCase, templates: Sequence[str]) -> torch.Tensor:
-    """k*: the key [d_in] at the subject's last token, averaged over context templates (ROME eq. 3)."""
+def group_mean(keys: torch.Tensor, group_sizes: Sequence[int] | None) -> torch.Tensor:
+    """keys [m, d] -> [d]: the mean within each consecutive group of rows, then the mean of the group means
+    (MEMIT's ``compute_ks``: with groups [1, 5] the bare prompt weighs 1/2). ``None``: one group, the plain mean
+    over all rows (ROME's ``compute_u``: with 1 + 20 templates the bare prompt weighs 1/21)."""
+    if group_sizes is None:
+        return keys.mean(0)
+    if sum(group_sizes) != keys.shape[0]:
+        raise ValueError(f"template groups {list(group_sizes)} do not cover the {keys.shape[0]} keys")
+    return torch.stack([g.mean(0) for g in torch.split(keys, list(group_sizes))]).mean(0)
+
+
+def average_key(lm: LoadedModel, layer: int, case: EditCase, templates: Sequence[str],
+                group_sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """k*: the key [d_in] at the subject's last token, averaged over context templates (ROME eq. 3), flat or by
+    template group (``group_mean``)."""
     filled = prompts_in_templates(case, templates)
     texts = [p.format(case.subject) for p in filled]
     idxs = [subject_last_index(lm.tokenizer, p, case.subject) for p in filled]
     keys, _ = module_io_at(lm, lm.adapter.mlp_name(layer), texts, idxs)
-    return keys.mean(0)
+    return group_mean(keys, group_sizes)
 
 
 def plain_key_value(lm: LoadedModel, layer: int, case: EditCase) -> tuple[torch.Tensor, torch.Tensor]:
