@@ -52,6 +52,7 @@ from .memit import MEMIT, ZHparams
 
 @dataclass
 class AlphaEditHparams(ZHparams):
+    """Defaults: jianghoucheng/AlphaEdit ``hparams/AlphaEdit/Llama3-8B.json`` (MEMIT's z settings otherwise)."""
     layers: list = field(default_factory=lambda: [4, 5, 6, 7, 8])
     nullspace_threshold: float = 2e-2      # singular values of C below this span the preserved keys' null space
     L2: float = 10.0                       # alpha, the ridge term of the solve

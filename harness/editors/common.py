@@ -7,7 +7,6 @@ k* to a value v* that makes the model say the new target.
 from __future__ import annotations
 
 import contextlib
-import unicodedata
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.case import EditCase
+from ..data.corpus import sample_continuations
 from ..models.loading import LoadedModel
 from ..tokens import encode_target, pad_batch  # noqa: F401 - encode_target re-exported for editors
 
@@ -92,40 +92,12 @@ def module_io_at(lm: LoadedModel, module_name: str, texts: Sequence[str], positi
 
 
 # --- context templates --------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_top_k(lm: LoadedModel, prompts: Sequence[str], max_out_len: int, top_k: int = 5,
-                 generator: torch.Generator | None = None) -> list[str]:
-    """ROME's ``generate_fast``: each prompt continued until it is ``max_out_len`` tokens long (prompt included),
-    every token drawn from the top-``top_k`` of the plain softmax of the logits (temperature 1, no nucleus, no
-    repetition penalty, no end-of-text stop: whatever the model's ``generation_config`` says), the prompts' tokens
-    as the tokenizer gives them (special tokens included, as the reference). Decoded without special tokens (the
-    reference deletes ``<|endoftext|>``, GPT-2's only one), NFKD-normalised, blank lines folded, the leading space
-    kept. Prompts of different token lengths are sampled in groups of equal length (no padding)."""
-    tok, model = lm.tokenizer, lm.model
-    encoded = [tok(p).input_ids for p in prompts]
-    out: list[str] = [""] * len(prompts)
-    for length in sorted({len(e) for e in encoded}):
-        rows = [i for i, e in enumerate(encoded) if len(e) == length]
-        ids = torch.tensor([encoded[i] for i in rows], device=lm.device)            # [b, length]
-        step_in, cache = ids, None
-        while ids.shape[1] < max_out_len:
-            o = model(input_ids=step_in, past_key_values=cache, use_cache=True)
-            cache = o.past_key_values
-            probs = torch.softmax(o.logits[:, -1].float(), dim=-1)                 # [b, V]
-            top_p, top_i = torch.topk(probs, top_k, dim=-1)                        # [b, k]
-            pick = torch.multinomial(top_p / top_p.sum(1, keepdim=True), 1, generator=generator)   # [b, 1]
-            step_in = top_i.gather(1, pick)                                        # [b, 1]
-            ids = torch.cat([ids, step_in], dim=1)
-        for r, seq in zip(rows, ids.tolist()):
-            out[r] = unicodedata.normalize("NFKD", tok.decode(seq, skip_special_tokens=True)).replace("\n\n", " ")
-    return out
-
-
 def generate_context_templates(lm: LoadedModel, length_params: Sequence[Sequence[int]],
                                seed_prompts: Sequence[str], seed: int = 0, top_k: int = 5,
                                brace: str = " ") -> list[str]:
     """``["{}"]`` plus model-generated prefixes ``"<text>. {}"``: for each ``(length, n)``, ``n // len(seeds)``
-    samples per seed prompt (at least one), ``length`` tokens in all (seed included), by ``sample_top_k``.
+    samples per seed prompt (at least one), ``length`` tokens in all (seed included), sampled as ROME's
+    ``generate_fast`` (``sample_continuations``: plain top-k at temperature 1, leading space kept).
     ROME seeds with ``<|endoftext|>`` (the tokenizer's EOS stands in when the vocabulary lacks it) and deletes
     braces (``brace=""``); MEMIT seeds with "The", "Therefore", "Because", "I", "You" and turns braces into spaces.
 
@@ -138,7 +110,7 @@ def generate_context_templates(lm: LoadedModel, length_params: Sequence[Sequence
     for length, n_gen in length_params:
         per_seed = max(1, int(n_gen) // len(seeds))
         prompts = [s for s in seeds for _ in range(per_seed)]            # prompt-major, as the reference
-        for text in sample_top_k(lm, prompts, int(length), top_k, gen):
+        for text in sample_continuations(lm, prompts, int(length), top_k, gen):
             templates.append(text.replace("{", brace).replace("}", brace) + ". {}")
     return templates
 

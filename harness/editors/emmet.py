@@ -35,7 +35,9 @@ from .memit import MEMIT, MemitHparams
 
 @dataclass
 class EmmetHparams(MemitHparams):
+    """Defaults: unified-model-editing ``hparams/EMMET/gpt2-xl.json``."""
     layers: list = field(default_factory=lambda: [17])
+    v_num_grad_steps: int = 20
     mom2_update_weight: float = 1000.0     # lambda in C = lambda E[k k^T]
     emmet_lambda: float = 0.1              # ridge on D = K^T C^-1 K for batches (n > 1)
     update_norm_lambda: float = 0.0        # mu: C += mu I (0 in every published setting)

@@ -29,8 +29,10 @@ from .common import (ContextTemplates, ValueOpt, average_key, module_io_at, opti
 @dataclass
 class ZHparams:
     """The edit layers and MEMIT's z optimisation and context templates: what MEMIT and its successors
-    (AlphaEdit, D4S, EMMET) share. Each adds the hyper-parameters of its own solve."""
-    layers: list = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    (AlphaEdit, D4S, EMMET) share. Each adds the hyper-parameters of its own solve. Defaults: kmeng01/memit
+    ``hparams/MEMIT/EleutherAI_gpt-j-6B.json`` and ``memit_main.get_context_templates`` (5 generated prefixes of
+    10 tokens, one per seed word). Family files (``hparams/<editor>/<family>.yaml``) hold only what differs."""
+    layers: list = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
     kl_factor: float = 0.0625

@@ -29,6 +29,8 @@ from .common import ContextTemplates, ValueOpt, average_key, optimize_value, pla
 
 @dataclass
 class RomeHparams:
+    """Defaults: kmeng01/rome ``hparams/ROME/EleutherAI_gpt-j-6B.json`` (the project's reference run on SmolLM2
+    uses them too). Family files (``hparams/<editor>/<family>.yaml``) hold only what differs."""
     layer: int = 5
     v_num_grad_steps: int = 20
     v_lr: float = 0.5
