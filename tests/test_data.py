@@ -387,7 +387,7 @@ def test_text_files(tmp_path: Path) -> None:
 
 
 def test_default_corpora(tmp_path: Path) -> None:
-    assert default_ppl_corpus(None) == "builtin-sentences" and default_stats_corpus(tmp_path) == "builtin"
+    assert default_ppl_corpus(None) == "builtin-sentences" and default_stats_corpus(tmp_path) == "model-samples"
     (tmp_path / "collapse").mkdir()
     write(tmp_path / "collapse" / "ME-PPL_50.json", [{"Corpus": "x", "Text": "t"}])
     assert default_ppl_corpus(tmp_path) == "me-ppl-50"
