@@ -257,6 +257,10 @@ class RunCollector:
                       "the sequential streams ('never': none collapsed)")
         for line in to_text(summarize(sorted(self.run.records, key=lambda r: r.get("nodeid", "")))):
             tr.write_line(line)
+        cases = getattr(self.config.stash[_SESSION], "_cases", None)
+        skipped = getattr(cases, "skip_summary", lambda: None)()
+        if skipped:
+            tr.write_line(f"--skip-invalid: {skipped} (listed in the run JSON's provenance.dataset.skipped)")
         for p in self.paths:
             tr.write_line(f"report: {p}")
 
