@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .data.case import EditCase
-from .editors.common import encode_target
+from .tokens import encode_target, pad_batch
 from .metrics.scoring import score_targets
 from .models.loading import LoadedModel
 from .tracing import (
@@ -63,11 +63,7 @@ def top1_matches(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str]
     tok, out = lm.tokenizer, []
     for s in range(0, len(prompts), batch_size):
         seqs = [tok(p).input_ids for p in prompts[s:s + batch_size]]
-        T = max(map(len, seqs))
-        ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, q in enumerate(seqs):
-            ids[i, :len(q)], mask[i, :len(q)] = torch.tensor(q), 1
+        ids, mask = pad_batch(seqs, tok.pad_token_id)
         hidden = lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).last_hidden_state
         last = hidden[torch.arange(len(seqs)), torch.tensor([len(q) - 1 for q in seqs])]         # [n, d]
         top = lm.model.get_output_embeddings()(last).argmax(-1).tolist()
@@ -201,19 +197,27 @@ def run_problem(lm: LoadedModel, case: EditCase, problem: str, tracer: CausalTra
 
 
 # --- the layer sweep ---------------------------------------------------------------------------------------
-def place_editor(editor, lm: LoadedModel, center: int, window: int) -> list[int]:
-    """Point ``editor`` (an instance the sweep owns) at the window of layers centred on ``center``."""
-    layers = window_layers(center, window, lm.n_layers)
+def sweep_unsupported(editor, window: int) -> str | None:
+    """Why ``editor`` cannot be swept over layers with editing windows of ``window`` layers, or None."""
     hp = editor.hparams
     if hasattr(hp, "layers"):
-        hp.layers = layers
-    elif hasattr(hp, "layer"):
-        if window != 1:
-            raise ValueError(f"editor {editor.name!r} edits one layer; a window of {window} layers needs an editor "
-                             "with a 'layers' hyper-parameter (memit, ft)")
-        hp.layer = center
+        return None
+    if hasattr(hp, "layer"):
+        return None if window == 1 else (f"editor {editor.name!r} edits one layer; a window of {window} layers "
+                                         "needs an editor with a 'layers' hyper-parameter (memit, ft)")
+    return f"editor {editor.name!r} has no 'layer' or 'layers' hyper-parameter to sweep"
+
+
+def place_editor(editor, lm: LoadedModel, center: int, window: int) -> list[int]:
+    """Point ``editor`` (an instance the sweep owns) at the window of layers centred on ``center``."""
+    reason = sweep_unsupported(editor, window)
+    if reason:
+        raise ValueError(reason)
+    layers = window_layers(center, window, lm.n_layers)
+    if hasattr(editor.hparams, "layers"):
+        editor.hparams.layers = layers
     else:
-        raise ValueError(f"editor {editor.name!r} has no 'layer' or 'layers' hyper-parameter to sweep")
+        editor.hparams.layer = center
     editor.prepare(lm)
     return layers
 

@@ -172,6 +172,9 @@ def corpus_provenance(spec: str, data_dir: str | os.PathLike[str] | None, **used
 def stats_tokens_used(stats: Any) -> Any:
     """Tokens the key statistics were actually computed on, if the statistics object records it (``tokens_used``
     or ``n_tokens_used``, an int or a per-layer mapping); None otherwise."""
+    prov = getattr(stats, "provenance", None)
+    if isinstance(prov, dict) and "tokens_used" in prov:
+        return {"min": prov["tokens_used"], **({"per_layer": prov["per_layer"]} if "per_layer" in prov else {})}
     for name in ("tokens_used", "n_tokens_used"):
         value = getattr(stats, name, None)
         if callable(value):
@@ -201,7 +204,11 @@ def _session_dataset(session: Any) -> dict[str, Any]:
     try:
         spec = session.dataset_name()
         cases = session.cases()            # the loaded cases, or a re-read of the file (no model needed)
-        return dataset_provenance(spec, o.data_dir, [c.case_id for c in cases], requested=o.dataset)
+        out = dataset_provenance(spec, o.data_dir, [c.case_id for c in cases], requested=o.dataset)
+        skipped = getattr(cases, "skipped", None)
+        if skipped:                        # --skip-invalid: what was left out, and why
+            out["skipped"] = [s.to_dict() for s in skipped]
+        return out
     except Exception as e:  # noqa: BLE001 - a dataset error has already failed the tests that needed it
         return {"spec": str(o.dataset), "kind": None, "error": f"{type(e).__name__}: {e}"}
 

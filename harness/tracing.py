@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .editors.common import encode_target
+from .tokens import encode_target
 from .models.loading import LoadedModel
 
 KINDS = ("hidden", "mlp", "attn")

@@ -80,9 +80,11 @@ def test_unwritable_report_dir_at_the_end_falls_back_and_says_where(tmp_path, mo
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     options = {"report_dir": str(blocker / "reports"), "no_report": False, "baseline": None}
-    config = SimpleNamespace(getoption=options.get, rootpath=tmp_path, stash={})
+    config = SimpleNamespace(getoption=options.get, rootpath=tmp_path, stash={},
+                             hook=SimpleNamespace(pytest_harness_update_run_json=lambda **kw: None))
     monkeypatch.setattr(plugin, "_SESSION", "session")
-    config.stash["session"] = None                 # provenance then records an error instead of failing
+    # a session holding only its options: provenance then records an error instead of failing
+    config.stash["session"] = SimpleNamespace(options=SimpleNamespace(report_dir=options["report_dir"]))
     run = BenchmarkRun()
     for i in range(3):
         run.add(_record(i))

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..tokens import pad_batch, token_budget_batches
+
 PROTOCOLS = {"ppl": "me-ppl (mean of per-sentence perplexity)", "ppl_token": "token-weighted perplexity"}
 
 
@@ -36,21 +38,9 @@ def perplexity(model, tok, texts: Sequence[str], *, max_tokens_per_batch: int = 
     if not order:
         raise ValueError("perplexity needs texts of at least two tokens")
     nll_sum = [0.0] * len(encoded)
-    pad = tok.pad_token_id
-    s = 0
-    while s < len(order):
-        # batch by token budget: similar lengths together (sorted), little padding
-        e = s + 1
-        while e < len(order) and len(encoded[order[e]]) * (e - s + 1) <= max_tokens_per_batch:
-            e += 1
-        idx = order[s:e]
-        T = len(encoded[idx[-1]])
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
-            mask[r, :len(encoded[i])] = 1
-        ids, mask = ids.to(device), mask.to(device)
+    for batch in token_budget_batches([len(encoded[i]) for i in order], max_tokens_per_batch):
+        idx = [order[b] for b in batch]          # similar lengths together (sorted): little padding
+        ids, mask = pad_batch([encoded[i] for i in idx], tok.pad_token_id, device=device)
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state        # [b, T, d]
         pred_mask = mask[:, 1:].bool()                                            # positions with a next token
         h = hidden[:, :-1][pred_mask]                                             # [N, d]
@@ -61,7 +51,6 @@ def perplexity(model, tok, texts: Sequence[str], *, max_tokens_per_batch: int = 
         sums = torch.zeros(len(idx), device=device, dtype=torch.float64).index_add_(0, row_of, nll.double())
         for r, i in enumerate(idx):
             nll_sum[i] = float(sums[r])
-        s = e
     per_text, total_nll, total_n = [], 0.0, 0
     for i in sorted(order):                      # input order (texts shorter than two tokens are left out)
         n = len(encoded[i]) - 1

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..editors.common import encode_target
+from ..tokens import check_context, encode_target, pad_batch, token_budget_batches
 
 
 @dataclass
@@ -29,32 +29,27 @@ def _head_and_body(model):
 
 @torch.no_grad()
 def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], *, prefix: str = "",
-                  batch_size: int = 64) -> list[TargetScore]:
+                  batch_size: int = 64, max_tokens: int = 8192) -> list[TargetScore]:
     """Score ``targets[i]`` after ``prefix + prompts[i]`` in batched forward passes.
 
     Prompt and target are tokenised separately and concatenated (the target with a leading space), so the target's
-    tokens are the same whatever the prompt. Logits are computed only at the target positions."""
+    tokens are the same whatever the prompt. Logits are computed only at the target positions. Batches hold at most
+    ``batch_size`` rows and ``max_tokens`` padded tokens; a sequence beyond the model's context raises PromptTooLong."""
     assert len(prompts) == len(targets)
     head, body = _head_and_body(model)
     device = next(model.parameters()).device
-    pad = tok.pad_token_id
     seqs, spans = [], []
     for p, t in zip(prompts, targets):
         p_ids = tok(prefix + p).input_ids
         t_ids = encode_target(tok, t)
+        check_context(len(p_ids) + len(t_ids), model, f"prompt {p[:60]!r} with target {t!r}")
         seqs.append(p_ids + t_ids)
         spans.append((len(p_ids), len(t_ids)))
     out: list[TargetScore | None] = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        T = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
+    for idx in token_budget_batches([len(s) for s in seqs], max_tokens, max_batch=batch_size):
+        ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id)
         rows, cols, gold = [], [], []
         for r, i in enumerate(idx):
-            ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
-            mask[r, :len(seqs[i])] = 1
             start, n = spans[i]
             for j in range(n):
                 rows.append(r)
