@@ -163,7 +163,7 @@ _m("neighborhood_success", CF, True, "NS", "P(true) > P(new), mean over neighbou
 _m("efficacy_magnitude", CF, True, "EM", "P(new) - P(true) on the rewrite prompt", "probability")
 _m("paraphrase_magnitude", CF, True, "PM", "P(new) - P(true), mean over paraphrase prompts", "probability")
 _m("neighborhood_magnitude", CF, True, "NM", "P(true) - P(new), mean over neighbourhood prompts", "probability")
-_m("rome_score", CF, True, "score", "harmonic mean of ES, PS and NS (0 if any is 0)")
+_m("rome_score", CF, True, "ROME score", "harmonic mean of ES, PS and NS (0 if any is 0)")
 _m("rewrite_acc", TF, True, "rewrite acc", "share of target_new tokens that are the argmax on the rewrite prompt")
 _m("rephrase_acc", TF, True, "rephrase acc", "same on the paraphrase prompts")
 _m("locality_acc", TF, True, "locality acc", "share of target_true tokens that are the argmax on neighbourhood prompts")
