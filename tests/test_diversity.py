@@ -1,0 +1,256 @@
+"""Target-diversity edit sets, edited-layer norms, correlations and decline curves (the D4S paper's two findings as
+measurements): sets share subjects and differ only in targets, diversity is measured right, the norms are the sums
+and means they claim, correlations agree with scipy, and a real edit stream on a tiny model fills a curve."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness.data import DataError, EditCase
+from harness.data.diversity import (KINDS, build_diversity_sets, entropy_bits, few_objects, load_diversity_sets,
+                                    select_distinct, target_diversity)
+from harness.editors import build_editor
+from harness.metrics import counterfact_metrics
+from harness.metrics.decline import DeclineCurve, DeclinePoint, diversity_decline, rewrite_efficacy, target_nll
+from harness.metrics.norms import correlation, l1_norm, mean_abs, norm_growth, total_l1, weight_norms
+
+from .conftest import TINY_HPARAMS, make_stats
+from .test_data import REAL, needs_real
+
+
+@pytest.fixture(scope="module")
+def sets(builtin_cases):
+    return build_diversity_sets(builtin_cases, 12)
+
+
+# ------------------------------------------------------------------------------------------------ the sets
+
+def test_sets_share_subjects_order_and_length(sets, builtin_cases):
+    assert list(sets) == list(KINDS)
+    base = select_distinct(builtin_cases, 12)
+    for kind, s in sets.items():
+        assert [c.subject for c in s.cases] == [c.subject for c in base], kind
+        assert [c.case_id for c in s.cases] == [f"{c.case_id}:{kind}" for c in base]
+        for c in s.cases:
+            assert c.rewrite_prompt.count(c.subject) >= 1 and c.target_new != c.target_true
+            assert c.extra.get("diversity_kind", kind) == kind
+
+
+def test_diversity_increases_from_yesno_to_distinct(sets):
+    d = {k: s.diversity() for k, s in sets.items()}
+    assert [d[k].n_distinct_targets for k in KINDS] == [2, 4, 4, 12]
+    assert d["yesno"].target_entropy == pytest.approx(1.0)          # balanced Yes / No
+    assert d["choice"].target_entropy == pytest.approx(2.0)         # letters cycle A-D over 12 edits
+    assert d["distinct"].target_entropy == pytest.approx(math.log2(12))
+    assert d["yesno"].target_entropy < d["few"].target_entropy <= d["choice"].target_entropy < d["distinct"].target_entropy
+
+
+def test_yesno_states_the_new_or_the_true_target(sets, builtin_cases):
+    base = select_distinct(builtin_cases, 12)
+    for i, (b, c) in enumerate(zip(base, sets["yesno"].cases)):
+        stated, new = (b.target_new, "Yes") if i % 2 == 0 else (b.target_true, "No")
+        assert c.rewrite_prompt == f"{b.rewrite_prompt} {stated}.\nIs this correct? Answer:"
+        assert c.target_new == new and c.target_true == {"Yes": "No", "No": "Yes"}[new]
+        # a neighbour's statement names the same target; its correct answer is the case's true one
+        assert all(p.endswith(f" {stated}.\nIs this correct? Answer:") for p in c.neighborhood_prompts)
+        assert len(c.paraphrase_prompts) == len(b.paraphrase_prompts)
+
+
+def test_choice_lists_four_options_with_both_answers(sets, builtin_cases):
+    base = select_distinct(builtin_cases, 12)
+    for i, (b, c) in enumerate(zip(base, sets["choice"].cases)):
+        options = c.extra["options"]
+        assert len(options) == len({o.lower() for o in options}) == 4
+        assert c.target_new == "ABCD"[i % 4] and options["ABCD".index(c.target_new)] == b.target_new
+        assert options["ABCD".index(c.target_true)] == b.target_true
+        for letter, opt in zip("ABCD", options):
+            assert f"\n{letter}. {opt}" in c.rewrite_prompt
+        assert c.rewrite_prompt.startswith(b.rewrite_prompt) and c.rewrite_prompt.endswith("\nAnswer:")
+    # distractors of a relation come from the same relation when it has enough answers (countries here)
+    assert set(sets["choice"].cases[0].extra["options"]) <= {c.target_new for c in builtin_cases if
+                                                            c.relation_id == "P17"} | {
+        c.target_true for c in builtin_cases if c.relation_id == "P17"}
+
+
+def test_few_reuses_the_pools_most_frequent_targets(sets, builtin_cases):
+    objects = few_objects(builtin_cases)
+    assert objects == ["Spanish", "French", "English", "baseball"]      # the four targets used twice in the set
+    base = select_distinct(builtin_cases, 12)
+    for b, c in zip(base, sets["few"].cases):
+        assert c.target_new in objects and c.target_new != b.target_true
+        assert c.prompt == b.prompt and c.paraphrase_prompts == b.paraphrase_prompts
+
+
+def test_braces_in_targets_stay_literal():
+    case = EditCase("x", "Zorp", "{} likes", target_new="{curly}", target_true="round",
+                    paraphrase_prompts=("Zorp really likes",))
+    others = [EditCase(str(i), f"S{i}", "{} likes", target_new=f"t{i}", target_true=f"u{i}") for i in range(4)]
+    sets = build_diversity_sets([case, *others], 1, objects=["a", "b"])
+    assert sets["yesno"].cases[0].rewrite_prompt == "Zorp likes {curly}.\nIs this correct? Answer:"
+    assert "\nA. {curly}" in sets["choice"].cases[0].rewrite_prompt
+
+
+def test_bad_requests_are_one_line_errors(builtin_cases):
+    with pytest.raises(DataError, match=r"only \d+ of 40 cases have distinct targets .* fewer than the 100 edits"):
+        build_diversity_sets(builtin_cases, 100)
+    with pytest.raises(DataError, match="unknown diversity set 'colour'; use some of yesno, choice, few, distinct"):
+        build_diversity_sets(builtin_cases, 4, kinds=["colour"])
+    with pytest.raises(DataError, match="at least 1 edit"):
+        select_distinct(builtin_cases, 0)
+    with pytest.raises(DataError, match="dataset 'builtin-hard': only"):
+        load_diversity_sets("builtin-hard", 500)
+    assert list(build_diversity_sets(builtin_cases, 4, kinds=["distinct", "yesno"])) == ["yesno", "distinct"]
+
+
+@needs_real
+@pytest.mark.parametrize("spec", ["counterfact", "zsre"])
+def test_real_data_builds_fifty_edit_sets(spec):
+    sets = load_diversity_sets(spec, 50, data_dir=REAL, skip_invalid=True)
+    assert [s.diversity().n_distinct_targets for s in sets.values()] == [2, 4, 4, 50]
+    subjects = {tuple(c.subject for c in s.cases) for s in sets.values()}
+    assert len(subjects) == 1
+
+
+# ------------------------------------------------------------------------------------------------ diversity
+
+def test_entropy_and_token_diversity(tiny_tokenizer):
+    assert entropy_bits([]) == 0.0 and entropy_bits(["a", "a"]) == 0.0
+    assert entropy_bits(["a", "b", "c", "d"]) == pytest.approx(2.0)
+    assert entropy_bits(["a", "a", "a", "b"]) == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+    d = target_diversity(["Yes", "No", "Yes", " No "], tiny_tokenizer)
+    assert (d.n_edits, d.n_distinct_targets, d.target_entropy) == (4, 2, 1.0)
+    ids = {tuple(tiny_tokenizer(" " + t, add_special_tokens=False).input_ids) for t in ("Yes", "No")}
+    assert d.n_distinct_target_tokens == len({i for seq in ids for i in seq})
+    assert d.mean_target_tokens == pytest.approx(sum(len(s) for s in ids) / 2)
+    assert target_diversity(["Yes"]).n_distinct_target_tokens is None
+
+
+# ------------------------------------------------------------------------------------------------ norms
+
+def test_norms_are_sum_and_mean_of_abs(tiny_llama):
+    w = torch.tensor([[1.0, -2.0], [0.5, -0.25]])
+    assert l1_norm(w) == 3.75 and mean_abs(w) == pytest.approx(3.75 / 4)
+    names = [n for n, _ in tiny_llama.model.named_parameters() if "down_proj" in n][:2]
+    norms = weight_norms(tiny_llama.model, names)
+    params = dict(tiny_llama.model.named_parameters())
+    for n in names:
+        assert norms[n]["l1"] == pytest.approx(params[n].detach().double().abs().sum().item(), rel=1e-12)
+        assert norms[n]["mean_abs"] == pytest.approx(norms[n]["l1"] / params[n].numel())
+    assert total_l1(norms) == pytest.approx(sum(v["l1"] for v in norms.values()))
+    with pytest.raises(KeyError, match="no parameter named 'nope'.*edited_parameters"):
+        weight_norms(tiny_llama.model, ["nope"])
+    assert norm_growth(2.0, 3.0) == 1.5 and norm_growth(0.0, 1.0) == math.inf and math.isnan(norm_growth(0.0, 0.0))
+
+
+def test_correlation_edge_cases():
+    c = correlation([1, 2, 3, 4], [10, 20, 30, 1000])
+    assert c.spearman == pytest.approx(1.0) and 0.5 < c.pearson < 1.0 and c.n == 4
+    assert correlation([1, 2, 3], [5, 5, 5]).spearman is None          # a constant series
+    assert correlation([1, 2], [1, 2]).pearson is None                   # too few pairs
+    c = correlation([1, 2, None, 4, float("nan"), 6], [3, 2, 9, 1, 9, 0])
+    assert c.n == 4 and c.spearman == pytest.approx(-1.0)
+    assert c.to_dict("x_") == {"x_spearman": c.spearman, "x_pearson": c.pearson, "x_n": 4}
+    with pytest.raises(ValueError, match="paired series"):
+        correlation([1, 2, 3], [1, 2])
+
+
+finite = st.floats(-1e6, 1e6, allow_nan=False).map(lambda v: round(v, 3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(finite, finite), min_size=3, max_size=30))
+def test_correlation_matches_scipy(pairs):
+    stats = pytest.importorskip("scipy.stats")
+    x, y = [a for a, _ in pairs], [b for _, b in pairs]
+    c = correlation(x, y)
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        assert c.spearman is None and c.pearson is None
+        return
+    assert c.spearman == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-9)
+    assert c.pearson == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-6)
+    # Spearman sees ranks only: a strictly increasing transform of x (v -> v|v|) leaves it unchanged
+    assert correlation([v * abs(v) for v in x], y).spearman == pytest.approx(c.spearman, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ decline
+
+def _curve(l1s, effs, ppls=None, downstream=None):
+    curve = DeclineCurve()
+    for i, (l1, e) in enumerate(zip(l1s, effs)):
+        curve.add(DeclinePoint(i, (ppls or [10.0] * len(l1s))[i], e, l1, {"w": l1 / 100},
+                               {"piqa": downstream[i]} if downstream else {}))
+    return curve
+
+
+def test_decline_curve_metrics():
+    curve = _curve([100, 110, 130, 170], [None, 1.0, 0.5, 0.25], [10, 11, 15, 30], [0.7, 0.7, 0.6, 0.5])
+    m = curve.metrics([1.0, 1.0, 0.0])
+    assert m["ppl_ratio_curve"] == [[0, 1.0], [1, 1.1], [2, 1.5], [3, 3.0]]
+    assert m["l1_growth_curve"][-1] == [3, 1.7] and m["norm_growth"] == pytest.approx(1.7)
+    assert m["efficacy_immediate"] == pytest.approx(2 / 3) and m["efficacy_final"] == 0.25
+    assert m["efficacy_decline"] == pytest.approx(2 / 3 - 0.25)
+    assert m["norm_efficacy_spearman"] == pytest.approx(-1.0) and m["norm_efficacy_n"] == 3   # base point left out
+    assert m["downstream_piqa_curve"][-1] == [3, 0.5] and m["downstream_piqa_drop"] == pytest.approx(0.2)
+    assert m["mean_abs_curve"][0] == [0, 1.0]
+    with pytest.raises(ValueError, match="must follow the stream"):
+        curve.add(DeclinePoint(2, None, None, 1.0, {}))
+    with pytest.raises(ValueError, match="starts with the unedited model"):
+        DeclineCurve([DeclinePoint(1, None, 1.0, 1.0, {})]).metrics([1.0])
+
+
+def test_diversity_decline_correlates_across_sets():
+    rows = [{"n_edits": 20, "target_entropy": h, "ppl_ratio": r, "efficacy_final": f, "efficacy_decline": d,
+             "norm_growth": g} for h, r, f, d, g in
+            [(1.0, 1.01, 1.0, 0.0, 1.01), (2.0, 1.05, 0.9, 0.1, 1.1), (2.0, 1.04, 0.95, 0.05, 1.05),
+             (4.3, 1.5, 0.5, 0.5, 2.0)]]
+    out = diversity_decline(rows)
+    assert out["n_sets"] == 4 and out["diversity_ppl_ratio_spearman"] > 0.9
+    assert out["diversity_efficacy_loss_spearman"] > 0.9 and out["diversity_norm_growth_pearson"] > 0.9
+    with pytest.raises(ValueError, match="fixed number of edits"):
+        diversity_decline([*rows, {"n_edits": 50, "target_entropy": 5.6}])
+
+
+# ------------------------------------------------------------------------------------------------ on a model
+
+def test_rewrite_efficacy_agrees_with_counterfact_metrics(tiny_gpt2, sets):
+    cases = [c for s in sets.values() for c in s.cases[:3]]
+    fast = rewrite_efficacy(tiny_gpt2.model, tiny_gpt2.tokenizer, cases)
+    slow = [counterfact_metrics(tiny_gpt2.model, tiny_gpt2.tokenizer, c)["efficacy_success"] for c in cases]
+    assert fast == slow
+    assert math.isfinite(target_nll(tiny_gpt2.model, tiny_gpt2.tokenizer, cases))
+    with pytest.raises(ValueError, match="needs target_true"):
+        rewrite_efficacy(tiny_gpt2.model, tiny_gpt2.tokenizer, [replace(cases[0], target_true=None)])
+
+
+def test_a_rome_stream_on_each_set_fills_a_curve(tiny_llama, sets, tmp_path):
+    """Two sequential ROME edits per set on a tiny model: every kind of prompt is editable (the subject is found in
+    the templated prompt; a random model is no test of whether an edit takes), and the curve records the norms."""
+    rome = build_editor("rome", tiny_llama, TINY_HPARAMS["rome"], stats=make_stats(tiny_llama, tmp_path))
+    names = rome.edited_parameters(tiny_llama)
+    lm = tiny_llama
+    for kind, s in sets.items():
+        cases = list(s.cases[:2])
+        snapshot = {n: p.detach().clone() for n, p in lm.model.named_parameters() if n in names}
+        norms = weight_norms(lm.model, names)
+        curve = DeclineCurve([DeclinePoint(0, None, None, total_l1(norms), {n: v["mean_abs"] for n, v in norms.items()})])
+        immediate = []
+        try:
+            for n, case in enumerate(cases, 1):
+                rome.apply(lm, [case])
+                immediate += rewrite_efficacy(lm.model, lm.tokenizer, [case])
+                norms = weight_norms(lm.model, names)
+                curve.add(DeclinePoint(n, None, sum(rewrite_efficacy(lm.model, lm.tokenizer, cases[:n])) / n,
+                                       total_l1(norms), {k: v["mean_abs"] for k, v in norms.items()}))
+        finally:
+            with torch.no_grad():
+                for n, p in lm.model.named_parameters():
+                    if n in snapshot:
+                        p.copy_(snapshot[n])
+            rome.reset()
+        m = curve.metrics(immediate)
+        assert m["n_edits"] == 2 and m["l1_after"] != m["l1_before"] and m["norm_growth"] > 0, kind
