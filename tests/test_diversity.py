@@ -254,3 +254,31 @@ def test_a_rome_stream_on_each_set_fills_a_curve(tiny_llama, sets, tmp_path):
             rome.reset()
         m = curve.metrics(immediate)
         assert m["n_edits"] == 2 and m["l1_after"] != m["l1_before"] and m["norm_growth"] > 0, kind
+
+
+def test_decline_stream_measures_every_checkpoint_and_restores(tiny_llama, sets, tmp_path):
+    from harness.metrics import perplexity
+    from harness.models import param_digest
+    from harness.protocols.diversity import decline_stream
+    from harness.timing import PhaseTimer
+
+    lm = tiny_llama
+    texts = ["The river runs past the old mill.", "A small village sat at the foot of the hills."]
+    ppl = lambda: perplexity(lm.model, lm.tokenizer, texts).mean_ppl  # noqa: E731
+    rome = build_editor("rome", lm, TINY_HPARAMS["rome"], stats=make_stats(lm, tmp_path))
+    before = param_digest(lm.model)
+    timer = PhaseTimer()
+    cases = list(sets["choice"].cases[:3])
+    stream = decline_stream(lm, rome, cases, perplexity=ppl, ppl_base=ppl(), journal_dir=tmp_path / "j",
+                            timer=timer, ppl_schedule="every:2")
+    assert param_digest(lm.model) == before                       # restored after the stream
+    assert [p.n_edits for p in stream.curve.points] == [0, 1, 2, 3]          # accuracy and norms after every edit
+    m = stream.metrics()
+    assert [n for n, _ in m["ppl_ratio_curve"]] == [0, 2, 3]                  # perplexity on the schedule
+    assert [s["ppl"] is not None for s in stream.result.steps] == [False, True, True]
+    final = [f["efficacy_success"] for f in stream.result.final.values()]
+    assert m["efficacy_final"] == pytest.approx(sum(final) / len(final))   # the curve's last point = the re-scoring
+    assert m["l1_before"] == pytest.approx(total_l1(weight_norms(lm.model, rome.edited_parameters(lm))))
+    assert m["l1_after"] != m["l1_before"] and m["ppl_ratio_curve"][0] == [0, 1.0]
+    assert math.isfinite(m["target_nll"]) and {"edit", "perplexity", "evaluate_curve"} <= set(timer.seconds)
+    assert len((tmp_path / "j").glob("*.jsonl").__next__().read_text().splitlines()) == 3

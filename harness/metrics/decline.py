@@ -73,7 +73,8 @@ class DeclineCurve:
         return self.points[-1]
 
     def series(self, what: str) -> list[list[float | None]]:
-        """[[n_edits, value], ...] of ``ppl_ratio``, ``efficacy``, ``l1``, ``l1_growth`` or ``downstream_<task>``."""
+        """[[n_edits, value], ...] of ``ppl_ratio``, ``efficacy``, ``l1``, ``l1_growth`` or ``downstream_<task>``,
+        over the checkpoints where it was measured."""
         base = self.base
         def value(p: DeclinePoint) -> float | None:
             if what == "ppl_ratio":
@@ -83,7 +84,7 @@ class DeclineCurve:
             if what.startswith("downstream_"):
                 return p.downstream.get(what[len("downstream_"):])
             return getattr(p, what)
-        return [[p.n_edits, value(p)] for p in self.points]
+        return [[p.n_edits, v] for p in self.points if (v := value(p)) is not None]
 
     def norm_accuracy(self) -> dict[str, Any]:
         """Spearman / Pearson of the edited layers' L1 norm against the accuracy of the edits made so far, over the
@@ -95,23 +96,25 @@ class DeclineCurve:
         """The stream's record: the curves, the values after the last edit, growth and decline, correlations.
         ``efficacy_immediate``: each edit's own efficacy right after it was made."""
         base, last = self.base, self.last
+        ppl_last = next((p for p in reversed(self.points) if p.ppl is not None), base)
         immediate = fmean(efficacy_immediate) if efficacy_immediate else None
         out: dict[str, Any] = {
             "n_edits": last.n_edits,
             "ppl_ratio_curve": self.series("ppl_ratio"), "efficacy_curve": self.series("efficacy"),
             "l1_curve": self.series("l1"), "l1_growth_curve": self.series("l1_growth"),
             "mean_abs_curve": [[p.n_edits, fmean(p.mean_abs.values()) if p.mean_abs else None] for p in self.points],
-            "ppl_before": base.ppl, "ppl_after": last.ppl,
-            "ppl_ratio": last.ppl / base.ppl if last.ppl is not None and base.ppl else None,
+            "ppl_before": base.ppl, "ppl_after": ppl_last.ppl, "ppl_after_n": ppl_last.n_edits,
+            "ppl_ratio": ppl_last.ppl / base.ppl if ppl_last.ppl is not None and base.ppl else None,
             "efficacy_immediate": immediate, "efficacy_final": last.efficacy,
             "efficacy_decline": immediate - last.efficacy if immediate is not None and last.efficacy is not None
             else None,
             "l1_before": base.l1, "l1_after": last.l1, "norm_growth": norm_growth(base.l1, last.l1),
             **self.norm_accuracy(),
         }
+        ds_last = next((p for p in reversed(self.points) if p.downstream), base)
         for task in sorted(base.downstream):
             out[f"downstream_{task}_curve"] = self.series(f"downstream_{task}")
-            after = last.downstream.get(task)
+            after = ds_last.downstream.get(task)
             out[f"downstream_{task}_drop"] = base.downstream[task] - after if after is not None else None
         return out
 
