@@ -21,6 +21,9 @@ from harness.metrics.norms import correlation, l1_norm, mean_abs, norm_growth, t
 
 from .conftest import TINY_HPARAMS, make_stats
 from .test_data import REAL, needs_real
+from .test_plugin import tiny_model_dir  # noqa: F401  (fixture)
+
+pytest_plugins = ["pytester"]
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +267,9 @@ def test_decline_stream_measures_every_checkpoint_and_restores(tiny_llama, sets,
 
     lm = tiny_llama
     texts = ["The river runs past the old mill.", "A small village sat at the foot of the hills."]
-    ppl = lambda: perplexity(lm.model, lm.tokenizer, texts).mean_ppl  # noqa: E731
+
+    def ppl() -> float:
+        return perplexity(lm.model, lm.tokenizer, texts).mean_ppl
     rome = build_editor("rome", lm, TINY_HPARAMS["rome"], stats=make_stats(lm, tmp_path))
     before = param_digest(lm.model)
     timer = PhaseTimer()
@@ -282,3 +287,76 @@ def test_decline_stream_measures_every_checkpoint_and_restores(tiny_llama, sets,
     assert m["l1_after"] != m["l1_before"] and m["ppl_ratio_curve"][0] == [0, 1.0]
     assert math.isfinite(m["target_nll"]) and {"edit", "perplexity", "evaluate_curve"} <= set(timer.seconds)
     assert len((tmp_path / "j").glob("*.jsonl").__next__().read_text().splitlines()) == 3
+
+
+# ------------------------------------------------------------------------------------------------ verdicts
+
+def test_norm_growth_and_diversity_verdicts():
+    from harness.protocols import Measurement
+    from harness.thresholds import Thresholds
+
+    t = Thresholds(max_norm_growth=1.5)
+    ok = Measurement({"ppl_ratio_curve": [[0, 1.0], [5, 1.4]], "norm_growth": 1.2, "n_edits": 5})
+    assert t.violations_diversity(ok) == []
+    bad = Measurement({"ppl_ratio_curve": [[0, 1.0], [5, 2.5], [10, float("inf")]], "norm_growth": 1.75,
+                       "l1_before": 100.0, "l1_after": 175.0, "n_edits": 10}, info={"diversity_set": "few"})
+    assert t.violations_diversity(bad) == [
+        "ppl_ratio=2.500 after 5 of 10 edits >= collapse threshold 2.0 (few set; --collapse-ratio)",
+        "norm_growth=1.750 > max_norm_growth 1.5 (L1 norm of the edited layers 100 -> 175 over 10 edits; "
+        "--max-norm-growth)"]
+    seq = Measurement({"edits_to_collapse": None, "n_edits": 4, "norm_growth": float("nan")})
+    assert t.violations_sequential(seq) == []                  # a norm that was never measured is no violation
+    seq.metrics.update(norm_growth=float("inf"), l1_before=0.0, l1_after=3.0)
+    assert t.violations_sequential(seq)[0].startswith("norm_growth=inf > max_norm_growth 1.5")
+    table = [{"target_entropy": h} for h in (1.0, 2.0, 2.0)]
+    assert t.violations_diversity_summary(Measurement({"n_sets": 3, "diversity_table": table})) == []
+    assert t.violations_diversity_summary(Measurement({"n_sets": 2, "diversity_table": table[1:]})) == [
+        "2 set(s) with 1 distinct target entropies: diversity against decline needs 3 or more sets that differ in "
+        "diversity (--diversity-sets)"]
+
+
+# ------------------------------------------------------------------------------------------------ the suite
+
+def _suite(pytester, model_dir, *extra):
+    from .test_plugin import SUITES
+    return pytester.runpytest_subprocess(
+        str(SUITES / "test_diversity.py"), "--model", str(model_dir), "--device", "cpu",
+        "--cache-dir", str(pytester.path / "cache"), "--report-dir", str(pytester.path / "reports"),
+        "-p", "no:cacheprovider", "--stats-tokens", "2000", "--ppl-texts", "4", "--dataset", "builtin",
+        "--hparam", "rome.layer=1", "--hparam", "v_num_grad_steps=3", "--hparam",
+        "context_template_length_params=[[3,2]]", "--editor", "rome", "--seq-edits", "3", "--ppl-schedule", "every:2",
+        *extra)
+
+
+def test_diversity_suite_records_streams_and_the_comparison(pytester, tiny_model_dir):  # noqa: F811
+    import json
+    result = _suite(pytester, tiny_model_dir, "--diversity-sets", "yesno,choice,distinct", "--collapse-ratio", "1e6",
+                    "--max-norm-growth", "1e6")
+    result.assert_outcomes(passed=4)
+    run = json.loads((pytester.path / "reports" / "latest.json").read_text())
+    streams = [r for r in run["records"] if "stream" in r["nodeid"]]
+    assert [r["case_id"] for r in streams] == ["choice", "distinct", "yesno"]            # sorted by node id
+    for r in streams:
+        m = r["metrics"]
+        assert r["suite"] == "diversity" and m["n_edits"] == 3 and r["info"]["diversity_set"] == r["case_id"]
+        assert [n for n, _ in m["efficacy_curve"]] == [1, 2, 3] and [n for n, _ in m["ppl_ratio_curve"]] == [0, 2, 3]
+        assert m["norm_growth"] == pytest.approx(m["l1_after"] / m["l1_before"])
+        assert {"target_entropy", "token_entropy", "target_nll", "norm_efficacy_spearman"} <= set(m)
+    (summary,) = [r for r in run["records"] if "decline" in r["nodeid"]]
+    assert summary["metrics"]["n_sets"] == 3 and len(summary["metrics"]["diversity_table"]) == 3
+    assert "diversity_ppl_ratio_spearman" in summary["metrics"]
+
+
+def test_diversity_suite_asserts_norm_growth_and_rejects_bad_sets(pytester, tiny_model_dir):  # noqa: F811
+    result = _suite(pytester, tiny_model_dir, "--diversity-sets", "yesno", "--collapse-ratio", "1e6",
+                    "--max-norm-growth", "1e-3")
+    result.assert_outcomes(failed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*norm_growth=* > max_norm_growth 0.001 (L1 norm of the edited layers * over 3 "
+                                 "edits; --max-norm-growth)*"])
+    result = _suite(pytester, tiny_model_dir, "--diversity-sets", "colour")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--diversity-sets colour: unknown set 'colour'; use some of yesno, choice, few, "
+                                 "distinct (comma-separated) or all*"])
+    result = _suite(pytester, tiny_model_dir, "--seq-edits", "100")
+    assert result.ret != pytest.ExitCode.OK and "Traceback" not in result.stdout.str()
+    result.stdout.fnmatch_lines(["*diversity suite: dataset 'builtin': only 36 of 40 cases have distinct targets*"])

@@ -88,6 +88,13 @@ class DiversitySet:
     description: str
 
     @property
+    def case_id(self) -> str:
+        """The set's name in a benchmark record (``case_id``), as its cases carry it (``<id>:<kind>``)."""
+        return self.kind
+
+    subject = None                     # a record's subject: a set has many
+
+    @property
     def targets(self) -> list[str]:
         return [c.target_new for c in self.cases]
 

@@ -13,15 +13,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data.case import EditCase
+from ..data.diversity import DiversitySet
+from ..editing import checked_parameters, unchanged
 from ..editors.base import Editor
-from ..metrics.decline import DeclineCurve, DeclinePoint, rewrite_efficacy, target_nll
+from ..metrics.decline import DeclineCurve, DeclinePoint, diversity_decline, rewrite_efficacy, target_nll
 from ..metrics.norms import total_l1, weight_norms
+from ..metrics.perplexity import PROTOCOLS as PPL
 from ..models.loading import LoadedModel
 from ..sequential import SequentialResult, SequentialRun, schedule_points
 from ..timing import PhaseTimer
+from .base import Measurement
+
+if TYPE_CHECKING:
+    from ..session import HarnessSession
 
 Downstream = Callable[[], dict[str, float]]       # task -> accuracy of the model as it is now
 
@@ -58,15 +65,15 @@ class _Probe:
         self.ppl, self.downstream, self.timer = perplexity, downstream, timer
         self.curve = DeclineCurve()
 
-    def point(self, n: int, ppl: float | None, measure_downstream: bool) -> DeclinePoint:
+    def point(self, n: int, ppl: float | None, downstream: Downstream | None) -> DeclinePoint:
         lm = self.lm
         with self.timer.phase("evaluate_curve"):
             eff = rewrite_efficacy(lm.model, lm.tokenizer, self.cases[:n]) if n else []
             norms = weight_norms(lm.model, self.names)
         acc: dict[str, float] = {}
-        if self.downstream is not None and measure_downstream:
+        if downstream is not None:
             with self.timer.phase("downstream"):
-                acc = self.downstream()
+                acc = downstream()
         return DeclinePoint(n, ppl, sum(eff) / n if n else None, total_l1(norms),
                             {k: v["mean_abs"] for k, v in norms.items()}, acc)
 
@@ -78,21 +85,23 @@ class _Probe:
         if n in self.ppl_points:
             with self.timer.phase("perplexity"):
                 ppl = self.ppl()
-        self.curve.add(self.point(n, ppl, n in self.ppl_points))
+        self.curve.add(self.point(n, ppl, self.downstream if n in self.ppl_points else None))
         return ppl
 
 
 def decline_stream(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *, perplexity: Callable[[], float],
                    ppl_base: float, journal_dir: Path, timer: PhaseTimer, ppl_schedule: str = "every",
-                   downstream: Downstream | None = None, progress: bool = False) -> DeclineStream:
+                   downstream: Downstream | None = None, downstream_base: Downstream | None = None,
+                   progress: bool = False) -> DeclineStream:
     """``cases`` edited one after another by ``editor``, measured on the unedited model and after every edit;
     ``perplexity`` and ``downstream`` (the model as it is now) only after the edit counts of ``ppl_schedule``.
-    ``ppl_base`` is the unedited model's perplexity. The model is restored after the stream (by the run)."""
+    ``ppl_base`` and ``downstream_base`` (default: ``downstream``) measure the unedited model. The model is
+    restored after the stream (by the run)."""
     names = editor.edited_parameters(lm)
     probe = _Probe(lm, cases, names, schedule_points(len(cases), ppl_schedule), perplexity, downstream, timer)
     with timer.phase("evaluate"):
         nll = target_nll(lm.model, lm.tokenizer, cases)
-    probe.curve.add(probe.point(0, ppl_base, True))
+    probe.curve.add(probe.point(0, ppl_base, downstream_base or downstream))
     inner = PhaseTimer(lm.device)                 # its "perplexity" phase is the probe, timed on ``timer``
     run = SequentialRun(lm, editor, cases, perplexity=probe, ppl_base=ppl_base, journal_dir=journal_dir,
                         batch_size=1, ppl_schedule="every", resume=False, progress=progress)
@@ -103,3 +112,71 @@ def decline_stream(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *
     if len(probe.curve.points) != len(cases) + 1:
         raise RuntimeError(f"the stream measured {len(probe.curve.points) - 1} of {len(cases)} checkpoints")
     return DeclineStream(probe.curve, result, nll)
+
+
+# --------------------------------------------------------------------------------------------- the protocols
+
+PROTOCOLS = {
+    "ppl_ratio_curve": f"{PPL['ppl']}, after / before, on the --ppl-schedule",
+    "efficacy_curve": "rome-counterfact efficacy on the rewrite prompts of every edit made so far, after each edit",
+    "l1_curve": "sum |W| over the edited weights after each edit (the D4S paper's L1 norm)",
+    "mean_abs_curve": "mean |W| of the edited weights after each edit (what the D4S code logs)",
+    "efficacy_immediate": "rome-counterfact, each edit right after it was made",
+    "efficacy_final": "rome-counterfact on the rewrite prompts, every edit after the last one",
+    "efficacy_decline": "efficacy_immediate - efficacy_final",
+    "norm_growth": "sum |W| over the edited weights after the last edit / before the first",
+    "norm_efficacy_spearman": "Spearman of l1 and efficacy-so-far over the edited checkpoints",
+    "norm_efficacy_pearson": "Pearson of l1 and efficacy-so-far over the edited checkpoints",
+    "target_entropy": "Shannon entropy (bits) of the set's new targets",
+    "token_entropy": "Shannon entropy (bits) of all tokens of the set's new targets",
+    "target_nll": "mean NLL (nats/token) of the new targets on the rewrite prompts, unedited model",
+}
+
+
+def _downstream(session: HarnessSession) -> tuple[Downstream | None, Downstream | None, str | None]:
+    """(after an edit, unedited model, why not) for ``--diversity-downstream``; lm-eval missing: no downstream."""
+    o = session.options
+    if not o.diversity_downstream:
+        return None, None, None
+    from ..downstream import DownstreamUnavailable
+    try:
+        evaluator = session.downstream
+    except DownstreamUnavailable as e:
+        return None, None, str(e)
+
+    def scores(result: dict) -> dict[str, float]:
+        return {t: s.value for t, s in result.items()}
+    return (lambda: scores(evaluator.evaluate(o.downstream_tasks, o.downstream_limit)),
+            lambda: scores(evaluator.base(o.downstream_tasks, o.downstream_limit)), None)
+
+
+def diversity(session: HarnessSession, editor: Editor, dset: DiversitySet, timer: PhaseTimer) -> Measurement:
+    """One diversity set as a sequential stream (:func:`decline_stream`): the curves, the values after the last
+    edit, norm growth, the norm-accuracy correlation, and the set's diversity and target NLL."""
+    o, lm = session.options, session.lm
+    after, base, why_not = _downstream(session)
+    with unchanged(lm, checked_parameters(lm, editor), f"the {dset.kind} stream of {editor.name}"):
+        stream = decline_stream(lm, editor, list(dset.cases), perplexity=lambda: session.perplexity().mean_ppl,
+                                ppl_base=session.base_perplexity().mean_ppl,
+                                journal_dir=Path(o.report_dir) / "diversity", timer=timer,
+                                ppl_schedule=o.ppl_schedule, downstream=after, downstream_base=base,
+                                progress=o.progress)
+    metrics = {**dset.diversity(lm.tokenizer).to_dict(), **stream.metrics()}
+    info = {"diversity_set": dset.kind, "set_description": dset.description, "dataset": session.dataset_name(),
+            "case_ids": [c.case_id for c in dset.cases], "ppl_schedule": o.ppl_schedule}
+    if why_not:
+        info["downstream"] = f"not measured: {why_not}"
+    return Measurement(metrics, dict(PROTOCOLS), info)
+
+
+def diversity_summary(measurements: Sequence[Measurement]) -> Measurement:
+    """Across one editor's streams (one per set, the same length): Spearman / Pearson of target entropy against
+    each decline measure (:func:`harness.metrics.decline.diversity_decline`), and a row per set."""
+    rows = [m.metrics for m in measurements]
+    keys = ("target_entropy", "target_nll", "ppl_ratio", "efficacy_immediate", "efficacy_final", "efficacy_decline",
+            "norm_growth", "norm_efficacy_spearman", "norm_efficacy_pearson")
+    table = [{"set": m.info["diversity_set"], **{k: m.metrics.get(k) for k in keys}} for m in measurements]
+    metrics = {**diversity_decline(rows), "diversity_table": table}
+    protocols = {k: "across the sets of one editor at the same number of edits: target entropy vs the measure"
+                 for k in metrics if k.endswith(("_spearman", "_pearson"))}
+    return Measurement(metrics, protocols, {"sets": [t["set"] for t in table]})
