@@ -345,6 +345,7 @@ def test_diversity_suite_records_streams_and_the_comparison(pytester, tiny_model
     (summary,) = [r for r in run["records"] if "decline" in r["nodeid"]]
     assert summary["metrics"]["n_sets"] == 3 and len(summary["metrics"]["diversity_table"]) == 3
     assert "diversity_ppl_ratio_spearman" in summary["metrics"]
+    assert "Target diversity: accuracy and edited-layer norm" in (pytester.path / "reports" / "latest.html").read_text()
 
 
 def test_diversity_suite_asserts_norm_growth_and_rejects_bad_sets(pytester, tiny_model_dir):  # noqa: F811
@@ -360,3 +361,21 @@ def test_diversity_suite_asserts_norm_growth_and_rejects_bad_sets(pytester, tiny
     result = _suite(pytester, tiny_model_dir, "--seq-edits", "100")
     assert result.ret != pytest.ExitCode.OK and "Traceback" not in result.stdout.str()
     result.stdout.fnmatch_lines(["*diversity suite: dataset 'builtin': only 36 of 40 cases have distinct targets*"])
+
+
+def test_the_report_plots_the_streams():
+    from harness.report.html import build_plots, plot_diversity
+
+    def rec(editor, kind, grow):
+        return {"suite": "diversity", "editor": editor, "case_id": kind, "outcome": "passed",
+                "info": {"diversity_set": kind},
+                "metrics": {"efficacy_curve": [[1, 1.0], [2, 0.5]], "l1_growth_curve": [[0, 1.0], [2, grow]]}}
+    records = [rec("rome", "yesno", 1.4), rec("rome", "distinct", 2.0), rec("d4s", "yesno", 1.01)]
+    fig = plot_diversity(records, ["rome", "d4s"])
+    left, right = fig.axes
+    assert len(left.lines) == len(right.lines) == 3
+    assert [line.get_linestyle() for line in right.lines] == [":", "-", ":"]
+    assert right.lines[1].get_ydata()[-1] == 2.0 and left.get_ylabel() == "accuracy of the edits so far"
+    assert plot_diversity([{**records[0], "suite": "sequential"}], ["rome"]) is None
+    titles = [p["title"] for p in build_plots(records, ["rome", "d4s"], 2.0)]
+    assert "Target diversity: accuracy and edited-layer norm along each stream" in titles
