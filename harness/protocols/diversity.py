@@ -1,8 +1,8 @@
 """Target diversity and norm growth (Huang et al., 2024, the D4S paper): one edit set of a diversity family
 (:mod:`harness.data.diversity`) as a sequential stream, measured at checkpoints along it: perplexity ratio, the
 accuracy of every edit made so far, the edited layers' L1 norm (sum |W|) and mean |W|, downstream accuracy when
-asked for. Then the Spearman / Pearson correlation of norm and accuracy along the stream. Accuracy and norms are measured
-after every edit (cheap); perplexity and downstream accuracy on the ``--ppl-schedule``.
+asked for. Then the Spearman / Pearson correlation of norm and accuracy along the stream. Accuracy and norms are
+measured after every edit (cheap); perplexity and downstream accuracy on the ``--ppl-schedule``.
 
 The stream is :class:`harness.sequential.SequentialRun` (journaled under ``REPORT_DIR/diversity``, one edit per
 call, never resumed: every checkpoint must be measured on the live model); its perplexity callback is the probe that
@@ -10,7 +10,7 @@ measures a checkpoint. The model is restored after the stream.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ class DeclineStream:
                 "neighborhood_final": _mean(f["neighborhood_success"] for f in final)}
 
 
-def _mean(values) -> float | None:
+def _mean(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
 

@@ -520,8 +520,8 @@ def plot_diversity(records: list[dict], editors: list[str]) -> Figure | None:
     colours = {e: f"C{i % 10}" for i, e in enumerate(editors)}
     for rec in recs:
         kind = (rec.get("info") or {}).get("diversity_set") or rec.get("case_id")
-        style = dict(color=colours.get(editor_of(rec), "grey"), linestyle=_SET_STYLES.get(kind, "-"), marker=".",
-                     label=safe_label(f"{editor_of(rec)} {kind}"))
+        style = {"color": colours.get(editor_of(rec), "grey"), "linestyle": _SET_STYLES.get(kind, "-"),
+                 "marker": ".", "label": safe_label(f"{editor_of(rec)} {kind}")}
         for ax, name in ((left, "efficacy_curve"), (right, "l1_growth_curve")):
             pts = _points(metric(rec, name))
             if pts:
