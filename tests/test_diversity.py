@@ -283,6 +283,7 @@ def test_decline_stream_measures_every_checkpoint_and_restores(tiny_llama, sets,
     assert [s["ppl"] is not None for s in stream.result.steps] == [False, True, True]
     final = [f["efficacy_success"] for f in stream.result.final.values()]
     assert m["efficacy_final"] == pytest.approx(sum(final) / len(final))   # the curve's last point = the re-scoring
+    assert m["efficacy_immediate_each"] == [s["efficacy"][0] for s in stream.result.steps]
     assert m["l1_before"] == pytest.approx(total_l1(weight_norms(lm.model, rome.edited_parameters(lm))))
     assert m["l1_after"] != m["l1_before"] and m["ppl_ratio_curve"][0] == [0, 1.0]
     assert math.isfinite(m["target_nll"]) and {"edit", "perplexity", "evaluate_curve"} <= set(timer.seconds)
@@ -379,3 +380,10 @@ def test_the_report_plots_the_streams():
     assert plot_diversity([{**records[0], "suite": "sequential"}], ["rome"]) is None
     titles = [p["title"] for p in build_plots(records, ["rome", "d4s"], 2.0)]
     assert "Target diversity: accuracy and edited-layer norm along each stream" in titles
+
+
+def test_a_shorter_family_is_a_prefix_of_a_longer_one(builtin_cases):
+    """The analysis reads the first N edits of a longer stream as the N-edit stream: the sets must be prefixes."""
+    short, long = build_diversity_sets(builtin_cases, 10), build_diversity_sets(builtin_cases, 20)
+    for kind in KINDS:
+        assert short[kind].cases == long[kind].cases[:10], kind

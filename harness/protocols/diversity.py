@@ -44,7 +44,7 @@ class DeclineStream:
     def metrics(self) -> dict[str, Any]:
         immediate = [v for s in self.result.steps for v in s["efficacy"]]
         final = self.result.final.values()
-        return {**self.curve.metrics(immediate), "target_nll": self.target_nll,
+        return {**self.curve.metrics(immediate), "efficacy_immediate_each": immediate, "target_nll": self.target_nll,
                 "paraphrase_final": _mean(f["paraphrase_success"] for f in final),
                 "neighborhood_final": _mean(f["neighborhood_success"] for f in final)}
 
@@ -121,7 +121,7 @@ PROTOCOLS = {
     "efficacy_curve": "rome-counterfact efficacy on the rewrite prompts of every edit made so far, after each edit",
     "l1_curve": "sum |W| over the edited weights after each edit (the D4S paper's L1 norm)",
     "mean_abs_curve": "mean |W| of the edited weights after each edit (what the D4S code logs)",
-    "efficacy_immediate": "rome-counterfact, each edit right after it was made",
+    "efficacy_immediate": "rome-counterfact, each edit right after it was made (mean; _each: per edit)",
     "efficacy_final": "rome-counterfact on the rewrite prompts, every edit after the last one",
     "efficacy_decline": "efficacy_immediate - efficacy_final",
     "norm_growth": "sum |W| over the edited weights after the last edit / before the first",
