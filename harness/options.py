@@ -98,6 +98,19 @@ _SCHEDULE = re.compile(r"every|every:[1-9][0-9]*|geometric")
 _LAYERS = re.compile(r"all|every:[1-9][0-9]*|-?[0-9]+(,-?[0-9]+)*")
 
 
+def diversity_kinds(raw: str) -> list[str]:
+    """A comma list of the diversity suite's edit sets (harness.data.diversity.KINDS), or all."""
+    from .data.diversity import KINDS
+
+    items = comma_list(raw)
+    if items == ["all"]:
+        return list(KINDS)
+    bad = [k for k in items if k not in KINDS]
+    if bad:
+        raise OptionError(f"unknown set {bad[0]!r}; use some of {', '.join(KINDS)} (comma-separated) or all")
+    return [k for k in KINDS if k in items]
+
+
 def ppl_schedule(raw: str) -> str:
     if not _SCHEDULE.fullmatch(str(raw).strip()):
         raise OptionError("use every, every:K (K >= 1) or geometric")
@@ -225,6 +238,12 @@ OPTIONS: tuple[Opt, ...] = (
         "REPORT_DIR/sequential", kind="flag", type=bool),
     Opt("hard_dataset", text, "builtin-hard", "HardEdit suite cases: builtin-hard, or a HardEdit-format file",
         type=str),
+    # diversity suite (docs/diversity.md): --seq-edits edits per set from --dataset, perplexity on --ppl-schedule
+    Opt("diversity_sets", diversity_kinds, ["yesno", "choice", "few", "distinct"], "diversity suite: edit sets "
+        "that differ only in target diversity (yesno, choice, few, distinct; comma-separated) or all",
+        metavar="S1,S2", type=list),
+    Opt("diversity_downstream", bool, False, "diversity suite: also measure downstream accuracy "
+        "(--downstream-tasks, --downstream-limit) at the perplexity checkpoints", kind="flag", type=bool),
     # downstream suite
     Opt("downstream_tasks", comma_list, ["boolq", "piqa", "arc_challenge"],
         "downstream suite: lm-eval tasks from harness/downstream/tasks (comma-separated), or all", ini=True,
@@ -253,6 +272,8 @@ OPTIONS: tuple[Opt, ...] = (
     _t("collapse_ratio", "collapse_ppl_ratio", 2.0, "perplexity ratio (after / before) counted as collapse",
        number(0.0, exclusive=True)),
     _t("min_efficacy", "min_efficacy", 1.0, "minimum efficacy success of a single edit"),
+    _t("max_norm_growth", "max_norm_growth", 2.0, "sequential and diversity suites: maximum ratio of the edited "
+       "layers' L1 norm (sum |W|) after the stream to before", number(0.0, exclusive=True)),
     _t("min_neighborhood", "min_neighborhood", 0.5, "locality suite: minimum neighbourhood success retained"),
     _t("max_kl", "max_kl", 0.05, "locality suite: maximum mean KL(pre || post) on unrelated text, nats"),
     _t("max_top1_changed", "max_top1_changed", 0.05, "locality suite: maximum fraction of unrelated-text top-1 "

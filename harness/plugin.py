@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from .data import DataError
 from .options import add_options, options_from, read_values, threshold_values, validate_names
 from .protocols import Measurement
 from .run import BenchmarkRun, Record
@@ -88,6 +89,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("fact", facts, ids=[f"{f.source}-{f.case_id}" for f in facts])
     if "sweep_window" in metafunc.fixturenames:    # layer sweep: editing windows
         metafunc.parametrize("sweep_window", session.options.sweep_windows, ids=lambda w: f"w{w}")
+    if "diversity_set" in metafunc.fixturenames:  # diversity suite: edit sets differing in target diversity
+        try:
+            sets = session.diversity_sets()
+        except DataError as e:            # one line that stops the session, not a collection traceback
+            pytest.exit(f"diversity suite: {e}", returncode=pytest.ExitCode.USAGE_ERROR)
+        metafunc.parametrize("diversity_set", list(sets.values()), ids=list(sets))
     if "case" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("cases")
         spec = marker.args[0] if marker else None
@@ -136,7 +143,7 @@ def record(request: pytest.FixtureRequest, harness: HarnessSession) -> SuiteReco
     suite = marker.args[0] if marker else request.node.module.__name__.removeprefix("test_")
     params = getattr(request.node, "callspec", None)
     p = params.params if params else {}
-    case = p.get("case") or p.get("fact")
+    case = p.get("case") or p.get("fact") or p.get("diversity_set")
     rec = SuiteRecord(suite, p.get("editor_name"), getattr(case, "case_id", None), PhaseTimer(harness.lm.device),
                       subject=getattr(case, "subject", None))
     rec.data["model"] = harness.lm.identity

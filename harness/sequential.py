@@ -31,6 +31,7 @@ import torch
 from .data.case import EditCase
 from .editors.base import Editor
 from .metrics import counterfact_metrics
+from .metrics.norms import l1_norm, norm_growth, total_l1, weight_norms
 from .models.loading import LoadedModel
 from .models.snapshot import WeightSnapshot, param_digest
 
@@ -74,6 +75,8 @@ class SequentialResult:
     ppl_base: float = float("nan")
     final: dict[str, dict[str, Any]] = field(default_factory=dict)  # case_id -> scores after the last edit
     resumed_from: int = 0
+    l1_before: float = float("nan")   # sum |W| over the edited weights, unedited model (D4S's L1 norm)
+    l1_after: float = float("nan")    # the same after the last edit
 
     def ppl_curve(self) -> list[list[float]]:
         return [[0, self.ppl_base]] + [[s["n_edits"], s["ppl"]] for s in self.steps if s.get("ppl") is not None]
@@ -106,6 +109,8 @@ class SequentialResult:
             "norm_l1": first,                      # mean |W| of the (first) edited weight after each edit
             "norm_l1_by_param": norm_series,
             "delta_fro": [[s["n_edits"], sum(v["delta_fro"] for v in s["norms"].values())] for s in self.steps],
+            "l1_before": self.l1_before, "l1_after": self.l1_after,
+            "norm_growth": norm_growth(self.l1_before, self.l1_after),
         }
 
 
@@ -386,6 +391,8 @@ class SequentialRun:
             bar.update(1)
         bar.close()
         result.steps = steps
+        result.l1_before = sum(l1_norm(w) for w in original.saved.values())
+        result.l1_after = total_l1(weight_norms(lm.model, names))
         with timer.phase("evaluate_final"):
             for c in self.cases:
                 m = counterfact_metrics(lm.model, lm.tokenizer, c)

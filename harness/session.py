@@ -39,6 +39,7 @@ class HarnessSession:
         self._ppl_texts: list[str] | None = None
         self._editors: dict[str, Editor] = {}
         self._cases: list[EditCase] | None = None
+        self._diversity_sets: dict | None = None   # diversity suite: kind -> DiversitySet
         self._machine: dict[str, Any] | None = None
         self._tracer = None             # localization: the CausalTracer, and traces memoised per case
         self._traces: dict[tuple[str, str], Any] = {}
@@ -107,6 +108,16 @@ class HarnessSession:
         if spec is None and limit == -1:
             self._cases = cases
         return cases
+
+    def diversity_sets(self) -> dict:
+        """The diversity suite's edit sets (``--diversity-sets``): ``--seq-edits`` edits each, built from the whole
+        of ``--dataset`` (harness.data.diversity), the same subjects in every set."""
+        if self._diversity_sets is None:
+            from .data.diversity import load_diversity_sets
+            o = self.options
+            self._diversity_sets = load_diversity_sets(self.dataset_name(), o.seq_edits, data_dir=o.data_dir,
+                                                       kinds=o.diversity_sets, skip_invalid=o.skip_invalid)
+        return self._diversity_sets
 
     def dataset_name(self) -> str:
         if self.options.dataset != "auto":

@@ -25,6 +25,7 @@ class Thresholds:
 
     collapse_ppl_ratio: float = _D["collapse_ppl_ratio"]  # perplexity after / before at or above: collapse
     min_efficacy: float = _D["min_efficacy"]              # a single edit must make P(new) > P(true) on its prompt
+    max_norm_growth: float = _D["max_norm_growth"]        # streams: edited layers' L1 after / before
     min_neighborhood: float = _D["min_neighborhood"]      # locality: neighborhood_retained
     max_kl: float = _D["max_kl"]                          # locality: mean KL(pre || post) on unrelated text, nats
     max_top1_changed: float = _D["max_top1_changed"]      # locality: fraction of unrelated-text top-1 tokens changed
@@ -52,12 +53,41 @@ class Thresholds:
     violations_hardedit = violations_single_edit
 
     # --- edit streams ------------------------------------------------------------------------------------------
-    def violations_sequential(self, m: Measurement) -> list[str]:
-        n = m.metrics["edits_to_collapse"]
-        if n is None:
+    def _norm_growth(self, m: Measurement) -> list[str]:
+        """The D4S paper's tracker: the edited layers' L1 norm (sum |W|) after the stream over before (nan: no
+        weights edited, e.g. an editor that hooks modules or edits prompts)."""
+        g = m.metrics.get("norm_growth")
+        if g is None or math.isnan(g) or g <= self.max_norm_growth:
             return []
-        return [f"edits_to_collapse={n}: ppl_ratio reached the collapse threshold {self.collapse_ppl_ratio} within "
-                f"{m.metrics['n_edits']} edits (--collapse-ratio)"]
+        return [f"norm_growth={g:.3f} > max_norm_growth {self.max_norm_growth} (L1 norm of the edited layers "
+                f"{_fmt(m.metrics.get('l1_before'), '.4g')} -> {_fmt(m.metrics.get('l1_after'), '.4g')} over "
+                f"{m.metrics['n_edits']} edits; --max-norm-growth)"]
+
+    def violations_sequential(self, m: Measurement) -> list[str]:
+        n, out = m.metrics["edits_to_collapse"], []
+        if n is not None:
+            out.append(f"edits_to_collapse={n}: ppl_ratio reached the collapse threshold {self.collapse_ppl_ratio} "
+                       f"within {m.metrics['n_edits']} edits (--collapse-ratio)")
+        return out + self._norm_growth(m)
+
+    def violations_diversity(self, m: Measurement) -> list[str]:
+        """A diversity stream: collapse at any perplexity checkpoint, and norm growth."""
+        out = []
+        collapsed = [(n, r) for n, r in m.metrics["ppl_ratio_curve"] if not (math.isfinite(r) and
+                                                                             r < self.collapse_ppl_ratio)]
+        if collapsed:
+            n, r = collapsed[0]
+            out.append(f"ppl_ratio={r:.3f} after {n} of {m.metrics['n_edits']} edits >= collapse threshold "
+                       f"{self.collapse_ppl_ratio} ({m.info.get('diversity_set')} set; --collapse-ratio)")
+        return out + self._norm_growth(m)
+
+    def violations_diversity_summary(self, m: Measurement) -> list[str]:
+        """The comparison across sets is meaningful: 3 or more sets that differ in target diversity."""
+        entropies = {round(row["target_entropy"], 6) for row in m.metrics["diversity_table"]}
+        if m.metrics["n_sets"] >= 3 and len(entropies) >= 2:
+            return []
+        return [f"{m.metrics['n_sets']} set(s) with {len(entropies)} distinct target entropies: diversity against "
+                "decline needs 3 or more sets that differ in diversity (--diversity-sets)"]
 
     # --- locality ------------------------------------------------------------------------------------------------
     def violations_locality(self, m: Measurement) -> list[str]:

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 PROTOCOLS = {"ppl_curve": PPL["ppl"], "efficacy_immediate": "rome-counterfact, right after each edit",
              "efficacy_final": "rome-counterfact, every edit re-scored after the last one",
-             "norm_l1": "mean |W| of the edited weight after each edit (D4S)"}
+             "norm_l1": "mean |W| of the edited weight after each edit (D4S)",
+             "norm_growth": "sum |W| over the edited weights after the last edit / before the first (D4S)"}
 
 
 def sequential(session: HarnessSession, editor: Editor, cases: Sequence[EditCase], timer: PhaseTimer

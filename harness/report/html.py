@@ -224,6 +224,10 @@ def build_plots(records: list[dict], editors: list[str], collapse_ratio: float |
            f"{metric_spec(name).description}. Dots are records; the black bar is the mean with its 95% bootstrap "
            "interval over cases.", (lambda name=name: plot_score_panel(single, editors, name)))
           for name in score_panel_metrics(single)],
+        ("Target diversity: accuracy and edited-layer norm along each stream", "Diversity suite: the accuracy of "
+         "every edit made so far (left) and the edited layers' L1 norm relative to the unedited model (right) "
+         "against the number of edits; one colour per editor, one line style per edit set (docs/diversity.md).",
+         lambda: plot_diversity(active, editors)),
         ("Time per phase", "Median seconds per test record, stacked by phase, per editor and suite.",
          lambda: plot_timings(active, editors)),
         ("Causal tracing: average effect per layer", "P(answer | noised subject, clean state restored at the "
@@ -562,4 +566,33 @@ def plot_layer_sweep(records: list[dict]) -> Figure | None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     _legend_outside(ax)
+    return fig
+
+
+# --------------------------------------------------------------------------- target diversity (diversity suite)
+
+_SET_STYLES = {"yesno": ":", "choice": "-.", "few": "--", "distinct": "-"}
+
+
+def plot_diversity(records: list[dict], editors: list[str]) -> Figure | None:
+    """Diversity suite records: efficacy_curve and l1_growth_curve against edits, per (editor, set)."""
+    recs = [r for r in records if suite_of(r) == "diversity" and _points(metric(r, "efficacy_curve"))]
+    if not recs:
+        return None
+    fig = _new_figure(10.0, 3.8)
+    left, right = fig.subplots(1, 2)
+    colours = {e: f"C{i % 10}" for i, e in enumerate(editors)}
+    for rec in recs:
+        kind = (rec.get("info") or {}).get("diversity_set") or rec.get("case_id")
+        style = {"color": colours.get(editor_of(rec), "grey"), "linestyle": _SET_STYLES.get(kind, "-"),
+                 "marker": ".", "label": safe_label(f"{editor_of(rec)} {kind}")}
+        for ax, name in ((left, "efficacy_curve"), (right, "l1_growth_curve")):
+            pts = _points(metric(rec, name))
+            if pts:
+                ax.plot(*zip(*pts, strict=True), **style)
+    left.set(xlabel="number of edits", ylabel="accuracy of the edits so far", ylim=(-0.05, 1.05))
+    right.set(xlabel="number of edits", ylabel="L1 norm / L1 norm before editing")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    _legend_outside(right)
     return fig
