@@ -10,7 +10,9 @@ read the merged file like any run JSON.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -199,3 +201,46 @@ def write_merged(run: dict[str, Any], out: str | Path, html: bool = True) -> lis
         from .report.html import write_html
         written.append(write_html(run, out.with_suffix(".html")))
     return written
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``harness merge`` arguments (harness/cli.py registers the subcommand with these)."""
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN.json", help="the shards' run JSONs")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="MERGED.json",
+                   help="merged run JSON to write (an HTML report is written beside it)")
+    p.add_argument("--allow-missing", action="store_true", help="write a partial merge when shards are missing")
+    p.add_argument("--keep", choices=("error", "latest"), default="error",
+                   help="a shard given twice: refuse (error, default) or keep the last finished (latest)")
+    p.add_argument("--no-html", action="store_true", help="write only the JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``harness merge``: exit 0 merged, 2 refused (one-line reason on stderr)."""
+    merged, report = merge_files(args.runs, allow_missing=args.allow_missing, keep=args.keep)
+    written = write_merged(merged, args.output, html=not args.no_html)
+    for line in report.lines():
+        print(line)
+    print(f"merged {len(merged['records'])} records: {', '.join(map(str, written))}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m harness.merge ...`` (the same as ``harness merge ...``)."""
+    from .report import RunFileError
+
+    parser = argparse.ArgumentParser(prog="harness merge", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (MergeError, RunFileError) as e:
+        print(f"harness merge: error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"harness merge: error: cannot write {e.filename or args.output} ({e.strerror or e}); check the "
+              "output path", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
