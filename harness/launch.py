@@ -23,10 +23,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 BACKENDS = ("local", "slurm", "ray")
 RESULT_CODES = {0: "passed", 1: "tests failed (recorded)", 5: "no tests selected"}
@@ -79,7 +80,7 @@ class ShardJob:
         with open(log, "w") as out:
             out.write(f"$ {shlex.join(self.command())}\n")
             out.flush()
-            rc = subprocess.run(self.command(), cwd=self.cwd, env={**os.environ, **self.env}, stdout=out,
+            rc = subprocess.run(self.command(), check=False, cwd=self.cwd, env={**os.environ, **self.env}, stdout=out,
                                 stderr=subprocess.STDOUT).returncode
         where = f"shard {self.index}/{self.count} (attempt {self.attempt}, log {log})"
         result = {"index": self.index, "returncode": rc, "outcome": RESULT_CODES.get(rc, "usage error"),

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .run import BenchmarkRun
 
@@ -63,7 +64,9 @@ def _ints(xs: Sequence[int]) -> str:
 
 def load_shard(path: str | Path) -> dict[str, Any]:
     """Read one shard's run JSON (validated as a run), refusing a file without shard tags."""
-    from .report import load_run         # validation shared with report / leaderboard / compare
+    from .report import (
+        load_run,  # validation shared with report / leaderboard / compare
+    )
     run = load_run(path)
     tags = run.get("shard")
     if not isinstance(tags, dict) or not {"sweep_id", "index", "count"} <= set(tags):

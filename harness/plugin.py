@@ -11,10 +11,16 @@ from .run import BenchmarkRun, Record, Thresholds
 from .session import HarnessSession, Options
 from .timing import PhaseTimer
 
+pytest_plugins = ["harness.sharding"]    # --shard I/N (docs/cluster.md)
 RECORD_KEY = "harness_record"
 _SESSION = pytest.StashKey[HarnessSession]()
 _RUN = pytest.StashKey[BenchmarkRun]()
 _RECORD = pytest.StashKey[Record]()
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspec
+    pluginmanager.add_hookspecs(hookspec)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -320,7 +326,8 @@ class RunCollector:
 
     def _write(self) -> None:
         report_dir = Path(_report_dir(self.config))
-        path = self.run.write(report_dir)
+        path = self.run.write(report_dir, update=lambda run: self.config.hook.pytest_harness_update_run_json(
+            config=self.config, run=run))
         self.paths.append(path)
         try:
             from .report.html import write_html

@@ -130,11 +130,15 @@ class BenchmarkRun:
             "summary": self.summary(),
         })
 
-    def write(self, report_dir: Path, **kw) -> Path:
-        """Write ``run-<id>.json`` and refresh ``latest.json``; returns the run file."""
+    def write(self, report_dir: Path, update=None, **kw) -> Path:
+        """Write ``run-<id>.json`` and refresh ``latest.json``; returns the run file. ``update(data)`` may change
+        the run dict in place first (the ``pytest_harness_update_run_json`` hook)."""
         report_dir = Path(report_dir)
         report_dir.mkdir(parents=True, exist_ok=True)
         data = self.to_json(**kw)
+        if update is not None:
+            update(data)
+            data = _jsonable(data)
         path = report_dir / f"run-{self.run_id}.json"
         text = json.dumps(data, indent=1)
         path.write_text(text)

@@ -124,8 +124,8 @@ def _alter(field: str):
     ("count", "count 4 differs from 3 * (different shard counts)*"),
     ("commit", "harness_commit 'deadbeef' differs from 'c0ffee' * (different harness commits)*"),
     ("collection", "collection_hash * (different collected tests)*"),
-    ("config", "config.hparam_overrides ([] vs [\"rome.layer=3\"]) differs from *; shards of one sweep must share "
-               "their configuration*"),
+    ("config", ("config.hparam_overrides ([] vs [\"rome.layer=3\"]) differs from *; shards of one sweep must share "
+               "their configuration*")),
     ("thresholds", "config.thresholds.collapse_ppl_ratio (2.0 vs 1.5) differs from *"),
     ("model", "model.fingerprint (\"abc\" vs \"xyz\") differs from *"),
 ])
@@ -195,7 +195,7 @@ def test_a_test_recorded_by_two_shards_is_refused():
 def test_selected_tests_without_records_are_reported():
     shards = _shards(_unsharded())
     lost = shards[0]["records"].pop()
-    merged, report = merge_runs(_named(shards))
+    _merged, report = merge_runs(_named(shards))
     assert report.unrecorded == [lost["nodeid"]]
     assert any("1 selected test(s) left no record" in line for line in report.lines())
 
