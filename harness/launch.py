@@ -144,7 +144,11 @@ class SubmititBackend:
         except ImportError:
             raise LaunchError(f"--backend {cluster} needs submitit: pip install 'knowedit-harness[cluster]' "
                               "(or pip install submitit)") from None
-        self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        try:
+            self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        except RuntimeError as e:               # e.g. no srun: not on a SLURM login node
+            raise LaunchError(f"--backend {cluster}: {str(e).splitlines()[0]} (run harness launch on the cluster's "
+                              "login node, or use --backend local or ray)") from None
         params: dict[str, Any] = {"name": "harness-shard", "timeout_min": res.time_limit_min,
                                   "gpus_per_node": res.gpus_per_job}
         if cluster == "slurm":

@@ -53,6 +53,14 @@ def _records(run: dict) -> dict[str, dict]:
     return {r["nodeid"].rsplit("/", 1)[-1]: {k: v for k, v in r.items() if k not in NOISE} for r in run["records"]}
 
 
+def launch_has_submitit() -> bool:
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 # --- the retry loop, on a fake backend (no processes) ------------------------------------------------------------
 @dataclasses.dataclass
 class FakeJob:
@@ -137,9 +145,33 @@ def test_a_shard_job_on_its_own(tmp_path):
     again = job.retry()
     assert again.command()[-1] == "--resume" and again.attempt == 2 and again.log_path().name == \
         "shard-2-attempt-2.log"
+    if launch_has_submitit():               # SLURM preemption / timeout: submitit requeues what checkpoint returns
+        requeued = job.checkpoint().function
+        assert requeued.resume and requeued.attempt == 2 and requeued.index == 2
     result = job()                          # pytest refuses the option: a usage error, returned, not retried
     assert result["returncode"] == 4 and "pytest usage error" in result["usage_error"]
     assert "--no-such-option" in Path(result["log"]).read_text()
+
+
+def test_slurm_job_array_script(tmp_path, monkeypatch):
+    """What sbatch would get (submitit writes the script; a fake srun stands in for a SLURM login node)."""
+    pytest.importorskip("submitit")
+    with pytest.raises(LaunchError, match=r"--backend slurm: .*srun.* \(run harness launch on the cluster's login node"):
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+        launch.make_backend("slurm", tmp_path / "x", launch.Resources())
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    backend = launch.make_backend("slurm", tmp_path / "submitit", launch.Resources(
+        gpus_per_job=1, cpus_per_job=8, time_limit_min=90, partition="gpu", array_parallelism=2,
+        slurm_args={"account": "abc"}))
+    slurm = backend.executor._executor
+    slurm.parameters["map_count"] = 3          # as submitit sets it for a batch of 3 jobs (one array)
+    script = slurm._make_submission_file_text("CMD", "uid")
+    for line in ("--partition=gpu", "--gpus-per-node=1", "--cpus-per-task=8", "--time=90", "--array=0-2%2",
+                 "--account=abc", "--signal=USR2@"):   # USR2 before the limit: submitit calls ShardJob.checkpoint
+        assert f"#SBATCH {line}" in script
 
 
 # --- the real sweep ----------------------------------------------------------------------------------------------
