@@ -400,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LaunchError, MergeError, RunFileError) as e:
         print(f"harness launch: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("harness launch: interrupted; the running shards were cancelled (their finished run JSONs are in "
+              "the sweep folder: harness merge --allow-missing)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

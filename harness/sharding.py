@@ -150,6 +150,8 @@ def harness_commit() -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
                               check=True).stdout
     try:
+        if Path(git("rev-parse", "--show-toplevel").strip()).resolve() != root:
+            raise OSError("the harness is not the top of this git checkout (an installed copy)")
         sha = git("rev-parse", "HEAD").strip()
         diff = git("diff", "HEAD", "--", "harness")
     except (OSError, subprocess.SubprocessError):
