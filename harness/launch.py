@@ -368,6 +368,10 @@ def run(args: argparse.Namespace) -> int:
     backend = make_backend(args.backend, out / "submitit", _resources(args))
     try:
         outcome = run_shards(backend, jobs, args.max_retries, args.poll, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"harness launch: interrupted; the running shards were cancelled (finished shards' run JSONs are in "
+              f"{out}: harness merge --allow-missing)", file=sys.stderr)
+        return 130
     finally:
         backend.close()
     files = [r["run_json"] for _, r in sorted(outcome.results.items()) if r["run_json"]]
@@ -386,25 +390,3 @@ def run(args: argparse.Namespace) -> int:
         return 3
     return 1 if any(r["returncode"] == 1 for r in outcome.results.values()) else 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m harness.launch ...`` (the same as ``harness launch ...``)."""
-    from .merge import MergeError
-    from .report import RunFileError
-
-    parser = argparse.ArgumentParser(prog="harness launch", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (LaunchError, MergeError, RunFileError) as e:
-        print(f"harness launch: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("harness launch: interrupted; the running shards were cancelled (their finished run JSONs are in "
-              "the sweep folder: harness merge --allow-missing)", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -227,23 +226,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"merged {len(merged['records'])} records: {', '.join(map(str, written))}")
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m harness.merge ...`` (the same as ``harness merge ...``)."""
-    from .report import RunFileError
-
-    parser = argparse.ArgumentParser(prog="harness merge", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (MergeError, RunFileError) as e:
-        print(f"harness merge: error: {e}", file=sys.stderr)
-    except OSError as e:
-        print(f"harness merge: error: cannot write {e.filename or args.output} ({e.strerror or e}); check the "
-              "output path", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

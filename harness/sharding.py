@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import os
 import statistics
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,30 +33,18 @@ from typing import Any
 import pytest
 
 _TAGS = pytest.StashKey[dict]()
-_DURATIONS = pytest.StashKey[dict]()
+_CONFIG = pytest.StashKey[tuple]()        # (ShardSpec, durations, sweep id) of a sharded run
 WORKER_KEY = "harness_shard_tags"
-SWEEP_ENV = "HARNESS_SWEEP_ID"
 GROUP_MARKER = "shard_group"
 
 
 # --- the shard spec --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ShardSpec:
-    """Shard ``index`` (1-based) of ``count``."""
+    """Shard ``index`` (1-based) of ``count`` (``--shard I/N``, parsed by the option table)."""
 
     index: int
     count: int
-
-    @classmethod
-    def parse(cls, text: str) -> ShardSpec:
-        """``"2/3"`` -> ShardSpec(2, 3); a ValueError names the fix."""
-        try:
-            i, n = (int(p) for p in str(text).split("/"))
-        except ValueError:
-            raise ValueError(f"--shard {text}: expected I/N such as 1/3 (shard I of N, I from 1)") from None
-        if n < 1 or not 1 <= i <= n:
-            raise ValueError(f"--shard {text}: I must be between 1 and N, and N >= 1 (e.g. --shard 1/{max(n, 1)})")
-        return cls(i, n)
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
@@ -164,47 +151,27 @@ def harness_commit() -> str:
 
 
 # --- the plugin ----------------------------------------------------------------------------------------------
-def pytest_addoption(parser: pytest.Parser) -> None:
-    g = parser.getgroup("harness-sharding", "knowledge-editing benchmark: sharding over machines (docs/cluster.md)")
-    g.addoption("--shard", default=None, metavar="I/N",
-                help="run shard I of N (1-based) of the collected tests: stable across machines, groups kept together")
-    g.addoption("--shard-durations", action="append", default=[], metavar="RUN.json",
-                help="balance the shards by the test durations in earlier run JSONs (repeatable); default: by count")
-    g.addoption("--sweep-id", default=os.environ.get(SWEEP_ENV), metavar="ID",
-                help=f"the sweep this shard belongs to, stored in the run JSON for harness merge (env {SWEEP_ENV}; "
-                     "default: derived from the collected tests and N)")
-
-
-def shard_spec(config: pytest.Config) -> ShardSpec | None:
-    text = config.getoption("shard", None)
-    if text is None:
-        return None
-    try:
-        return ShardSpec.parse(text)
-    except ValueError as e:
-        raise pytest.UsageError(str(e)) from None
-
-
 def pytest_configure(config: pytest.Config) -> None:
+    """Read ``--shard``, ``--shard-durations`` and ``--sweep-id`` (rows of the option table, harness/options.py;
+    a malformed value is a usage error there) and the durations files, before anything is collected."""
+    from .options import value
     config.addinivalue_line("markers", f"{GROUP_MARKER}(name, by=('editor_name',)): tests with the same name and "
                                        "values of the 'by' parameters run in the same shard (--shard)")
-    shard_spec(config)                       # a malformed --shard is a usage error before anything runs
-    for p in config.getoption("shard_durations"):
-        if not Path(p).is_file():
-            raise pytest.UsageError(f"--shard-durations {p}: no such file; pass an earlier run JSON "
-                                    "(reports/run-<id>.json or a merged sweep)")
+    spec = value(config, "shard")
+    if spec is None:
+        return
     try:
-        config.stash[_DURATIONS] = load_durations(config.getoption("shard_durations"))
+        durations = load_durations(value(config, "shard_durations"))
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
+    config.stash[_CONFIG] = (ShardSpec(*spec), durations, value(config, "sweep_id"))
 
 
 @pytest.hookimpl(trylast=True)       # after -k / -m deselection, so every shard splits the same set
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    spec = shard_spec(config)
-    if spec is None:
+    if _CONFIG not in config.stash:
         return
-    durations = config.stash.get(_DURATIONS, {})
+    spec, durations, sweep_id = config.stash[_CONFIG]
     groups: dict[str, list[str]] = {}
     key_of = {}
     for item in items:
@@ -219,7 +186,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ids = [portable_id(it.nodeid) for it in selected + deselected]
     sizes = [sum(len(groups[k]) for k, s in where.items() if s == i) for i in range(1, spec.count + 1)]
     timed = sum(n in durations for n in ids)
-    tags = {"sweep_id": config.getoption("sweep_id") or f"auto-{collection_hash(ids)}-{spec.count}",
+    tags = {"sweep_id": sweep_id or f"auto-{collection_hash(ids)}-{spec.count}",
             "index": spec.index, "count": spec.count, "collected": len(ids), "collection_hash": collection_hash(ids),
             "sizes": sizes, "selected": sorted(it.nodeid for it in selected),
             "balanced_by": f"durations ({timed} of {len(ids)} tests timed)" if timed else "count",
@@ -252,7 +219,7 @@ def shard_tags(config: pytest.Config) -> dict[str, Any] | None:
     return config.stash.get(_TAGS, None)
 
 
-@pytest.hookimpl(optionalhook=True)      # the spec is harness/hookspec.py's; optional while it is not registered
+@pytest.hookimpl(optionalhook=True)      # the spec: harness/hookspec.py, registered by the harness plugin
 def pytest_harness_update_run_json(config: pytest.Config, run: dict[str, Any]) -> None:
     """Tag a shard's run JSON (the harness's own hook; see harness/hookspec.py)."""
     tags = shard_tags(config)

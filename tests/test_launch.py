@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from harness import launch
+from harness.cli import main as cli
 from harness.launch import LaunchError, ShardFailed, ShardJob, run_shards
 
-from .test_plugin import tiny_model_dir  # noqa: F401  (the tiny model saved to disk)
 from .test_xdist import _diffs
 
 SUITES = Path(__file__).resolve().parents[1] / "suites"
@@ -131,7 +131,7 @@ def test_a_usage_error_stops_the_sweep_without_retry():
     ([], "no pytest arguments; pass them after --"),
 ])
 def test_bad_launch_arguments_are_one_line_errors(tmp_path, capsys, args, message):
-    assert launch.main(["--shards", "2", "--out", str(tmp_path), *args]) == 2
+    assert cli(["launch", "--shards", "2", "--out", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
 
@@ -176,7 +176,7 @@ def test_slurm_job_array_script(tmp_path, monkeypatch):
 
 # --- the real sweep ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def unsharded(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def unsharded(tiny_model_dir, tmp_path_factory):
     """The same tests in one plain pytest run (one thread, as every shard)."""
     d = tmp_path_factory.mktemp("unsharded")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -200,7 +200,7 @@ def _sweep(backend: str, shards: int, model_dir: Path, tmp_path: Path, monkeypat
     monkeypatch.setenv("MKL_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "sweep"
-    rc = launch.main(["--backend", backend, "--shards", str(shards), "--out", str(out), "--sweep-id", "sw-test",
+    rc = cli(["launch", "--backend", backend, "--shards", str(shards), "--out", str(out), "--sweep-id", "sw-test",
                       "--poll", "0.5", "--no-progress", "--time-limit", "20", "--",
                       *_suite_args(model_dir, tmp_path / "cache"), "-p", "shard_killer"])
     printed = capsys.readouterr()
@@ -224,7 +224,7 @@ def _check_equal(merged: dict, unsharded: dict, shards: int, output: str) -> Non
 
 
 @pytest.mark.slow       # minutes: four pytest processes and a retry
-def test_local_sweep_with_a_killed_shard_equals_the_unsharded_run(unsharded, tiny_model_dir, tmp_path,  # noqa: F811
+def test_local_sweep_with_a_killed_shard_equals_the_unsharded_run(unsharded, tiny_model_dir, tmp_path,
                                                                  monkeypatch, capsys):
     pytest.importorskip("submitit")
     merged, output = _sweep("local", 3, tiny_model_dir, tmp_path, monkeypatch, capsys)
@@ -236,7 +236,7 @@ def test_local_sweep_with_a_killed_shard_equals_the_unsharded_run(unsharded, tin
 
 
 @pytest.mark.slow       # minutes: a local Ray instance, three pytest processes and a retry
-def test_ray_sweep_with_a_killed_shard_equals_the_unsharded_run(unsharded, tiny_model_dir, tmp_path,  # noqa: F811
+def test_ray_sweep_with_a_killed_shard_equals_the_unsharded_run(unsharded, tiny_model_dir, tmp_path,
                                                                monkeypatch, capsys):
     pytest.importorskip("ray")
     merged, output = _sweep("ray", 2, tiny_model_dir, tmp_path, monkeypatch, capsys)

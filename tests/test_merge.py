@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from harness.merge import MergeError, load_shard, main, merge_files, merge_runs
+from harness.cli import main as cli
+from harness.merge import MergeError, load_shard, merge_files, merge_runs
 from harness.report import load_run
 from harness.report.compare import compare
 from harness.report.leaderboard import leaderboard
@@ -136,7 +137,7 @@ def test_refuses_shards_of_different_sweeps_configurations_or_commits(tmp_path, 
         merge_files(_write(tmp_path, shards))
     assert "\n" not in str(e.value) and str(e.value).startswith(str(tmp_path / "run-1.json"))
     # the command line: exit 2, the reason on one line
-    assert main([*_write(tmp_path, shards), "-o", str(tmp_path / "m.json")]) == 2
+    assert cli(["merge", *_write(tmp_path, shards), "-o", str(tmp_path / "m.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     pattern = ".*".join(map(re.escape, f"harness merge: error: *{message}".split("*")))
@@ -203,6 +204,6 @@ def test_selected_tests_without_records_are_reported():
 def test_command_line_writes_json_and_html(tmp_path, capsys):
     paths = _write(tmp_path, _shards(_unsharded()))
     out = tmp_path / "sweep" / "merged.json"
-    assert main([*paths, "-o", str(out)]) == 0
+    assert cli(["merge", *paths, "-o", str(out)]) == 0
     assert load_run(out)["sweep"]["count"] == 3 and out.with_suffix(".html").is_file()
     assert "sweep sw: 3 of 3 shards merged" in capsys.readouterr().out
