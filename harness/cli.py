@@ -5,7 +5,8 @@ arguments and sets ``func`` (a ``_cmd_<name>(args) -> int`` function), then appe
 ``SUBCOMMANDS``. Commands import their heavy dependencies inside ``_cmd_*`` so ``harness --help``
 stays fast.
 
-Exit codes: 0 success, 1 regression found (``compare``), 2 bad input (one-line message on stderr).
+Exit codes: 0 success; 1 a regression found (``compare``); 2 bad or unusable input, or a comparison refused
+because the runs are not like for like (one-line message on stderr).
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from pathlib import Path
 
 from harness.report import RunFileError, load_run
 
-
-class UsageError(Exception):
-    """Bad input that is not a run file problem; the message is shown as one line."""
+EXIT_OK, EXIT_REGRESSION, EXIT_UNUSABLE = 0, 1, 2
 
 
 # --------------------------------------------------------------------------- report
@@ -40,28 +39,77 @@ def _cmd_report(args: argparse.Namespace) -> int:
     run = load_run(args.run)
     out = write_html(run, args.output or args.run.with_suffix(".html"))
     print(f"wrote {out}")
-    return 0
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- leaderboard
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _add_leaderboard(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("leaderboard", help="rank editors per model over several run JSONs",
-                       description="Rank editors per model; writes leaderboard.md and index.html.")
+    p = sub.add_parser("leaderboard", help="rank editors over run JSONs, one table per (model, dataset, suite)",
+                       description="Rank editors like for like: one table per (model, dataset, suite), cells with "
+                                   "95% bootstrap intervals; editors with a collapsed case rank below those without; "
+                                   "writes leaderboard.md and index.html.")
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN.json", help="run JSONs")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--min-n", type=_positive_int, default=None, metavar="N",
+                   help="editors with fewer cases are listed but not ranked (default 5)")
     p.set_defaults(func=_cmd_leaderboard)
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from harness.report.leaderboard import leaderboard, load_runs, to_markdown, write_leaderboard
+    from harness.report.leaderboard import (
+        DEFAULT_MIN_N,
+        board_tables,
+        load_runs,
+        to_markdown,
+        write_leaderboard,
+    )
 
+    min_n = args.min_n or DEFAULT_MIN_N
     runs = load_runs(args.runs)
-    md_path, html_path = write_leaderboard(runs, args.output)
-    print(to_markdown(leaderboard(runs)), end="")
+    md_path, html_path = write_leaderboard(runs, args.output, min_n)
+    print(to_markdown(board_tables(runs, min_n), min_n), end="")
     print(f"wrote {md_path} and {html_path}")
-    return 0
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from harness.report.export import FORMATS
+
+    p = sub.add_parser("export", help="a run's results per editor and suite, with intervals (markdown, LaTeX, CSV)",
+                       description="Per (suite, editor): n and every headline metric as mean [95% bootstrap CI].")
+    p.add_argument("run", type=Path, metavar="RUN.json")
+    p.add_argument("--format", choices=FORMATS, default="markdown")
+    p.add_argument("--all-metrics", action="store_true", help="every aggregated metric, not only the headline ones")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of standard output")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from harness.report.export import export_table
+
+    text = export_table(load_run(args.run), args.format, args.all_metrics)
+    if args.output is None:
+        print(text, end="")
+    else:
+        from harness.run import atomic_write_text
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        print(f"wrote {atomic_write_text(args.output, text)}")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- compare
@@ -83,16 +131,21 @@ def _time_tolerance(text: str) -> float | None:
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare a run against a baseline run; exit 1 on regression",
-                       description="Compare per (suite, editor) metric means of RUN against BASELINE. "
-                                   "Exit code 0: no regression, 1: regression, 2: bad input.")
+                       description="Compare RUN against BASELINE case by case (records matched by suite, editor and "
+                                   "case id): a metric regresses when its paired change is beyond tolerance and its "
+                                   "95% paired-bootstrap interval excludes zero. Exit code 0: no regression; 1: "
+                                   "regression; 2: unusable input, or runs with different model, dataset or "
+                                   "thresholds (unless --allow-different).")
     p.add_argument("baseline", type=Path, metavar="BASELINE.json")
     p.add_argument("run", type=Path, metavar="RUN.json")
     p.add_argument("--tol-score", type=_tolerance, default=0.05, metavar="ABS",
-                   help="allowed absolute drop of success scores (default 0.05)")
+                   help="allowed absolute drop of scores, probabilities and fractions (default 0.05)")
     p.add_argument("--tol-ppl", type=_tolerance, default=0.10, metavar="REL",
-                   help="allowed relative rise of perplexity-like metrics (default 0.10)")
+                   help="allowed relative worsening of perplexities, ratios, KL (default 0.10)")
     p.add_argument("--tol-time", type=_time_tolerance, default=0.5, metavar="REL|none",
-                   help="allowed relative slowdown of phase timings, or 'none' to skip (default 0.5)")
+                   help="allowed relative slowdown of median phase timings, or 'none' to skip (default 0.5)")
+    p.add_argument("--allow-different", action="store_true",
+                   help="compare even when model, dataset or thresholds differ (the differences become notes)")
     p.add_argument("--only-changes", action="store_true", help="print only rows that are not ok")
     p.set_defaults(func=_cmd_compare)
 
@@ -101,9 +154,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from harness.report.compare import compare
 
     baseline, run = load_run(args.baseline), load_run(args.run)
-    result = compare(baseline, run, {"score": args.tol_score, "ppl": args.tol_ppl, "time": args.tol_time})
+    result = compare(baseline, run, {"score": args.tol_score, "ppl": args.tol_ppl, "time": args.tol_time},
+                     allow_different=args.allow_different)
+    if result.refused:
+        print(f"harness compare: refused: {result.refused}", file=sys.stderr)
+        return EXIT_UNUSABLE
     print(result.to_markdown(only_changes=args.only_changes), end="")
-    return 0 if result.ok else 1
+    return EXIT_OK if result.ok else EXIT_REGRESSION
 
 
 # --------------------------------------------------------------------------- entry point
@@ -146,7 +203,7 @@ def _cmd_mine_hard(args: argparse.Namespace) -> int:
             hard.append(case)
     path = save_easyedit(hard, args.output)
     print(f"{len(hard)} of {len(h.cases())} cases reach ppl ratio >= {args.threshold}: {path}")
-    return 0
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- merge, launch (docs/cluster.md)
@@ -173,6 +230,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_report,
     _add_leaderboard,
     _add_compare,
+    _add_export,
     _add_mine_hard,
     _add_merge,
     _add_launch,
@@ -195,15 +253,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
-        return 2
+        return EXIT_UNUSABLE
     try:
         return args.func(args)
-    except (RunFileError, UsageError, ValueError) as exc:   # DataError, ModelLoadError, HparamsError: one line
+    except (RunFileError, ValueError) as exc:   # DataError, ModelLoadError, HparamsError: one line
         print(f"harness {args.command}: error: {exc}", file=sys.stderr)
     except OSError as exc:
         print(f"harness {args.command}: error: cannot write {exc.filename or 'output'} "
               f"({exc.strerror or exc}); check the output path", file=sys.stderr)
-    return 2
+    return EXIT_UNUSABLE
 
 
 if __name__ == "__main__":

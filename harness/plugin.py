@@ -23,13 +23,13 @@ _RUN = pytest.StashKey[BenchmarkRun]()
 _RECORD = pytest.StashKey[Record]()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     from . import hookspec
     pluginmanager.add_hookspecs(hookspec)
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    add_options(parser)
 
 
 def _report_dir(config: pytest.Config) -> str:
@@ -51,6 +51,8 @@ def pytest_configure(config: pytest.Config) -> None:
     options = options_from(values, progress=config.getoption("capture") == "no" or not os.environ.get("CI"))
     validate_names(options)
     thresholds = Thresholds(**threshold_values(values))
+    from .metrics.registry import REGISTRY
+    config.hook.pytest_harness_register_metrics(registry=REGISTRY)
     config.stash[_SESSION] = HarnessSession(options, thresholds)
     config.stash[_RUN] = BenchmarkRun(config={
         "editors": options.editors, "model": options.model, "dataset": options.dataset, "n_cases": options.n_cases,
@@ -185,55 +187,81 @@ class RunCollector:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if not self.run.records:
             return
+        data = self._run_json()
         if not self.config.getoption("no_report"):
-            self._write()
-        self._compare(session)
+            self._write(data)
+        self._compare(session, data)
 
-    def _write(self) -> None:
+    def _run_json(self) -> dict:
+        """The run JSON, with the provenance of what ran (read off the session; nothing new is loaded)."""
+        from .provenance import collect
+        try:
+            model = next((r.get("model") for r in self.run.records if r.get("model")), None)
+            self.run.provenance = collect(self.config.stash[_SESSION], model)
+        except Exception as e:  # noqa: BLE001 - the records matter more than their provenance
+            self.run.provenance = {"error": f"{type(e).__name__}: {e}"}
+        data = self.run.to_json()
+        self.config.hook.pytest_harness_update_run_json(config=self.config, run=data)
+        return data
+
+    def _write(self, data: dict) -> None:
+        """Run JSON, latest.json, the HTML report and latest.html, each written atomically. If the report dir
+        cannot be written, the run goes to a fresh temporary folder, and the summary says where."""
+        from .run import fallback_report_dir
         report_dir = Path(_report_dir(self.config))
-        path = self.run.write(report_dir, update=lambda run: self.config.hook.pytest_harness_update_run_json(
-            config=self.config, run=run))
+        try:
+            path = self.run.write(report_dir, data)
+        except OSError as e:
+            fallback = fallback_report_dir()
+            path = self.run.write(fallback, data)
+            self.paths.append(Path(f"(report dir {report_dir} cannot be written: {e.strerror or e}; "
+                                   f"the run was written to {fallback} instead)"))
+            report_dir = fallback
         self.paths.append(path)
         try:
-            from .report.html import write_html
-            import json
-            data = json.loads(path.read_text())
-            html = write_html(data, path.with_suffix(".html"))
-            latest = report_dir / "latest.html"
-            latest.write_text(html.read_text())
-            self.paths.append(html)
+            from .report.html import render_html
+            from .run import atomic_write_text
+            html = render_html(data)
+            self.paths.append(atomic_write_text(path.with_suffix(".html"), html))
+            atomic_write_text(report_dir / "latest.html", html)
         except Exception as e:  # noqa: BLE001 - the JSON is written; a report problem must not lose it
-            self.paths.append(Path(f"(HTML report failed: {e})"))
+            self.paths.append(Path(f"(HTML report failed: {type(e).__name__}: {e})"))
 
-    def _compare(self, session: pytest.Session) -> None:
-        """``--baseline``: compare with a saved run; a regression fails the session (exit code 1)."""
+    def _compare(self, session: pytest.Session, data: dict) -> None:
+        """``--baseline``: compare with a saved run; a regression fails the session (exit code 1); a baseline of
+        another model, dataset or thresholds is refused (exit code 4, a usage error)."""
         if self.baseline is None:
             return
         from .report.compare import compare
-        self.comparison = compare(self.baseline, self.run.to_json())
-        if self.comparison.regressions and session.exitstatus == 0:
+        self.comparison = compare(self.baseline, data)
+        if self.comparison.refused:
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR
+        elif self.comparison.regressions and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
+        tr = terminalreporter
         comparison = self.comparison
         if comparison is not None:
-            terminalreporter.section("comparison with baseline")
-            terminalreporter.write_line(comparison.to_markdown(only_changes=True))
-            terminalreporter.write_line(f"{len(comparison.regressions)} regression(s) against "
-                                        f"{self.config.getoption('baseline')}")
+            tr.section("comparison with baseline")
+            if comparison.refused:
+                tr.write_line(f"comparison with {self.config.getoption('baseline')} refused: {comparison.refused}")
+            else:
+                tr.write_line(comparison.to_markdown(only_changes=True))
+                tr.write_line(f"{len(comparison.regressions)} regression(s) against {self.config.getoption('baseline')}")
         if not self.run.records:
             return
-        tr = terminalreporter
+        from .metrics.registry import summarize
+        from .report.export import to_text
         tr.section("knowledge-editing benchmark")
-        cols = [("efficacy_success", "ES"), ("paraphrase_success", "PS"), ("neighborhood_success", "NS"),
-                ("ppl_ratio", "ppl x"), ("edits_to_collapse", "collapse@")]
-        summary = self.run.summary()
-        tr.write_line(f"{'editor/suite':28} {'n':>4} {'pass':>5} " + " ".join(f"{h:>9}" for _, h in cols)
-                      + f" {'edit s':>8} {'eval s':>8} {'ppl s':>8}")
-        for key, s in summary.items():
-            vals = " ".join(f"{s[k]:9.3f}" if isinstance(s.get(k), float) else f"{'-':>9}" for k, _ in cols)
-            t = " ".join(f"{s.get(f'time_{p}_s', float('nan')):8.2f}" for p in ("edit", "evaluate", "perplexity"))
-            tr.write_line(f"{key:28} {s['n']:>4} {s['passed']:>5} {vals} {t}")
+        tr.write_line("mean [95% bootstrap CI over cases]; phase times: median s; edits to collapse: the fewest over "
+                      "the sequential streams ('never': none collapsed)")
+        for line in to_text(summarize(sorted(self.run.records, key=lambda r: r.get("nodeid", "")))):
+            tr.write_line(line)
+        cases = getattr(self.config.stash[_SESSION], "_cases", None)
+        skipped = getattr(cases, "skip_summary", lambda: None)()
+        if skipped:
+            tr.write_line(f"--skip-invalid: {skipped} (listed in the run JSON's provenance.dataset.skipped)")
         for p in self.paths:
             tr.write_line(f"report: {p}")
 

@@ -1,21 +1,23 @@
-"""One benchmark run: thresholds, records, machine info and the run JSON (schema_version 1)."""
+"""One benchmark run: thresholds, records, machine info and the run JSON (``harness.schema.SCHEMA_VERSION``;
+docs/run-json.md)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
+import secrets
 import socket
-import statistics
-import uuid
+import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .metrics.registry import summarize
+from .schema import SCHEMA_VERSION
 from .thresholds import Thresholds
-
-SCHEMA_VERSION = 1
 
 
 def _jsonable(x: Any) -> Any:
@@ -55,6 +57,29 @@ def machine_info(device: str | None = None, dtype: str | None = None) -> dict[st
     return info
 
 
+def new_run_id() -> str:
+    """A run id that two concurrent runs cannot share: local time, process id and 32 random bits."""
+    return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a unique temporary file in the same folder and an atomic rename, so a
+    reader never sees a half-written file and concurrent writers never share a temporary name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 @dataclass
 class BenchmarkRun:
     """Collects records (from this process or from xdist workers) and writes the run JSON."""
@@ -62,34 +87,17 @@ class BenchmarkRun:
     config: dict[str, Any] = field(default_factory=dict)
     thresholds: Thresholds = field(default_factory=Thresholds)
     records: list[dict[str, Any]] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    run_id: str = field(default_factory=lambda: datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4])
+    run_id: str = field(default_factory=new_run_id)
 
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
 
-    def summary(self) -> dict[str, dict[str, Any]]:
-        """Per editor and suite: counts and means of scalar metrics and timings."""
-        out: dict[str, dict[str, Any]] = {}
-        groups: dict[tuple[str, str], list[dict]] = {}
-        for r in self.records:
-            groups.setdefault((r.get("editor") or "-", r.get("suite") or "-"), []).append(r)
-        for (editor, suite), recs in sorted(groups.items()):
-            s: dict[str, Any] = {"suite": suite, "n": len(recs),
-                                 "passed": sum(r["outcome"] == "passed" for r in recs),
-                                 "failed": sum(r["outcome"] in ("failed", "error") for r in recs)}
-            keys = sorted({k for r in recs for k, v in r.get("metrics", {}).items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            for k in keys:
-                vals = [r["metrics"][k] for r in recs if isinstance(r.get("metrics", {}).get(k), (int, float))]
-                vals = [v for v in vals if math.isfinite(v)]
-                if vals:
-                    s[k] = statistics.fmean(vals)
-            for k in sorted({k for r in recs for k in r.get("timings", {})}):
-                vals = [r["timings"][k] for r in recs if k in r.get("timings", {})]
-                s[f"time_{k}_s"] = statistics.fmean(vals)
-            out[f"{editor}" if suite == "single_edit" else f"{editor}/{suite}"] = s
-        return out
+    def summary(self) -> list[dict[str, Any]]:
+        """Per (suite, editor): outcome counts and every metric aggregated as the metric registry says (mean or
+        median with a seeded 95% bootstrap interval over cases, and n)."""
+        return [g.to_json() for g in summarize(sorted(self.records, key=lambda r: r.get("nodeid", "")))]
 
     def to_json(self, model: dict | None = None, machine: dict | None = None) -> dict[str, Any]:
         finished = datetime.now(timezone.utc)
@@ -102,27 +110,24 @@ class BenchmarkRun:
             "duration_s": (finished - datetime.fromisoformat(self.started)).total_seconds(),
             "model": model, "machine": machine,
             "config": {**self.config, "thresholds": asdict(self.thresholds)},
+            "provenance": self.provenance or {"error": "not collected (a BenchmarkRun written without the plugin)"},
             "records": [{k: v for k, v in r.items() if k not in ("model", "machine")} for r in records],
             "summary": self.summary(),
         })
 
-    def write(self, report_dir: Path, update=None, **kw) -> Path:
-        """Write ``run-<id>.json`` and refresh ``latest.json``; returns the run file. ``update(data)`` may change
-        the run dict in place first (the ``pytest_harness_update_run_json`` hook)."""
+    def write(self, report_dir: Path, data: dict[str, Any] | None = None, **kw) -> Path:
+        """Write ``run-<id>.json`` and refresh ``latest.json`` (each atomically); returns the run file."""
         report_dir = Path(report_dir)
         report_dir.mkdir(parents=True, exist_ok=True)
-        data = self.to_json(**kw)
-        if update is not None:
-            update(data)
-            data = _jsonable(data)
-        path = report_dir / f"run-{self.run_id}.json"
-        text = json.dumps(data, indent=1)
-        path.write_text(text)
-        latest = report_dir / "latest.json"
-        tmp = latest.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(latest)
+        text = json.dumps(data if data is not None else self.to_json(**kw), indent=1)
+        path = atomic_write_text(report_dir / f"run-{self.run_id}.json", text)
+        atomic_write_text(report_dir / "latest.json", text)
         return path
+
+
+def fallback_report_dir() -> Path:
+    """A folder that can be written when the report dir cannot: a fresh one under the system temp dir."""
+    return Path(tempfile.mkdtemp(prefix="knowedit-harness-reports-"))
 
 
 class Record:

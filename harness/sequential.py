@@ -5,12 +5,22 @@ After each edit: the edit's own scores ("immediate"), the edited layers' norms (
 and, on a schedule, perplexity (the collapse surrogate). After the last edit every earlier edit is re-scored
 ("final"). Each finished edit is appended to a JSONL journal at once, and the edited weights and the editor's state
 are saved beside it, so a run killed mid-way resumes where it stopped with the same records.
+
+What a resume trusts: the checkpoint is written atomically (temporary file, fsync, rename) and carries its own
+journal lines, the run's key and a SHA-256 of all of that, so it is either whole and self-consistent or is
+refused. The journal is checked against it line by line: lines written after the last checkpoint (a crash between
+the append and the save) are dropped and their edits replayed, lines the checkpoint has but the journal lost are
+written back, and any other difference is a one-line refusal. One run at a time writes a journal (an exclusive
+lock beside it); the weights are restored at the end and checked by digest.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
+import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
@@ -22,7 +32,9 @@ from .data.case import EditCase
 from .editors.base import Editor
 from .metrics import counterfact_metrics
 from .models.loading import LoadedModel
-from .models.snapshot import WeightSnapshot
+from .models.snapshot import WeightSnapshot, param_digest
+
+CHECKPOINT_FORMAT = 2
 
 
 def schedule_points(n_steps: int, spec: str = "every") -> list[int]:
@@ -97,6 +109,99 @@ class SequentialResult:
         }
 
 
+class ResumeError(RuntimeError):
+    """A journal or checkpoint that cannot be trusted; the message is one line naming the file and what to do."""
+
+
+class ConcurrentRunError(RuntimeError):
+    """Another live process is writing the same journal (the message names it and the way out)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+class JournalLock:
+    """Exclusive ownership of one journal for one process: an OS lock (``flock``) on ``<journal>.lock``, which
+    holds the owner's pid and host for the refusal message. The kernel releases the lock when its owner dies (even
+    by SIGKILL), so a crashed run never leaves a stale lock behind. The file itself is left in place: removing it
+    would let two processes lock two different files of the same name."""
+
+    def __init__(self, journal: Path):
+        self.journal = journal
+        self.path = journal.with_name(journal.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock_fd(fd)
+        except OSError:
+            owner = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise ConcurrentRunError(
+                f"{self.journal}: another run ({owner}) is writing this journal; wait for it to finish, or give "
+                "this run another --report-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)          # closing the descriptor releases the lock
+            self._fd = None
+
+
+def _lock_fd(fd: int) -> None:
+    """Non-blocking exclusive lock on ``fd``; OSError when another descriptor holds it."""
+    try:
+        import fcntl
+    except ImportError:                 # Windows
+        import msvcrt
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _content_digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content (nested dicts, lists, tensors, plain values), independent of how torch lays
+    out the file: torch.load checks no checksum, so a flipped byte in a tensor would otherwise load silently."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                feed(k)
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+    feed(obj)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a unique temporary file, fsync'd, then renamed over it."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class SequentialRun:
     """Owner of one sequential run: its journal, its checkpoint and the model's original weights."""
 
@@ -110,80 +215,180 @@ class SequentialRun:
         self.batch_size, self.resume, self.progress = batch_size, resume, progress
         self.batches = [self.cases[i:i + batch_size] for i in range(0, len(self.cases), batch_size)]
         self.ppl_points = set(schedule_points(len(self.cases), ppl_schedule))
-        key = hashlib.sha1(json.dumps([editor.name, lm.identity.get("fingerprint"), [c.case_id for c in cases],
-                                       batch_size, ppl_schedule, editor.describe()["hparams"]],
-                                      default=str).encode()).hexdigest()[:12]
-        self.journal = Path(journal_dir) / f"{editor.name}-{key}.jsonl"
+        # everything that makes two runs' records comparable: a journal is only ever resumed by the same run
+        self.key = hashlib.sha256(json.dumps([editor.name, lm.identity.get("fingerprint"),
+                                              [c.case_id for c in cases], batch_size, ppl_schedule,
+                                              editor.describe()["hparams"]], default=str).encode()).hexdigest()
+        self.journal = Path(journal_dir) / f"{editor.name}-{self.key[:12]}.jsonl"
         self.checkpoint = self.journal.with_suffix(".pt")
+        self.lock = JournalLock(self.journal)
 
-    # --- journal ---------------------------------------------------------------------------------------
-    def _load_journal(self) -> list[dict]:
-        if not (self.resume and self.journal.exists() and self.checkpoint.exists()):
+    # --- checkpoint: the saved state, whole or refused -----------------------------------------------------
+    def _refuse(self, path: Path, problem: str) -> ResumeError:
+        other = self.checkpoint if path == self.journal else self.journal
+        return ResumeError(f"{path}: {problem}; delete it and {other.name} beside it to start over, or rerun "
+                           "without --resume")
+
+    def _read_checkpoint(self, names: list[str]) -> dict | None:
+        """The checkpoint, verified (format, run key, weights digest, parameter names); None when there is none."""
+        if not self.checkpoint.exists():
+            return None
+        try:
+            with warnings.catch_warnings():    # torch's own remarks on a garbled pickle: the refusal says it
+                warnings.simplefilter("ignore")
+                ck = torch.load(self.checkpoint, weights_only=True, map_location="cpu")
+        except Exception as e:  # any unpickling / zip / IO failure: the file is damaged
+            raise self._refuse(self.checkpoint, f"damaged checkpoint ({_first_line(e)[:120]})") from None
+        try:
+            problem = self._checkpoint_problem(ck, names)
+        except (TypeError, AttributeError, ValueError, RuntimeError) as e:   # fields of the wrong type
+            problem = f"damaged checkpoint ({_first_line(e)[:120]})"
+        if problem:
+            raise self._refuse(self.checkpoint, problem)
+        return ck
+
+    def _checkpoint_problem(self, ck: Any, names: list[str]) -> str | None:
+        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+            return "checkpoint of another format (an older harness version?)"
+        if ck.get("run_key") != self.key:
+            return "checkpoint of another run configuration"
+        weights = ck.get("weights")
+        if not isinstance(weights, dict) or sorted(weights) != sorted(names):
+            return f"checkpoint holds other weights than {names}"
+        if _content_digest({k: v for k, v in ck.items() if k != "sha256"}) != ck.get("sha256"):
+            return "damaged checkpoint (its content does not match its SHA-256)"
+        lines = ck.get("journal")
+        if (not isinstance(lines, list) or not all(isinstance(x, str) for x in lines)
+                or len(lines) != ck.get("n_batches") or len(lines) > len(self.batches)):
+            return "damaged checkpoint (its journal lines do not match its count)"
+        return None
+
+    def _save(self, lines: list[str], names: list[str]) -> None:
+        params = dict(self.lm.model.named_parameters())
+        weights = {n: params[n].detach().cpu().clone() for n in names}
+        tmp = self.checkpoint.with_name(f"{self.checkpoint.name}.{os.getpid()}.tmp")
+        try:
+            payload = {"format": CHECKPOINT_FORMAT, "run_key": self.key, "n_batches": len(lines),
+                       "journal": list(lines), "weights": weights, "editor_state": self.editor.state()}
+            torch.save({**payload, "sha256": _content_digest(payload)}, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            tmp.replace(self.checkpoint)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # --- journal: checked against the checkpoint -----------------------------------------------------------
+    def _journal_lines(self) -> list[str]:
+        """The journal's complete lines (a last line without its newline was cut short by a crash: dropped)."""
+        if not self.journal.exists():
             return []
-        steps = [json.loads(line) for line in self.journal.read_text().splitlines() if line.strip()]
-        ck = torch.load(self.checkpoint, weights_only=True, map_location="cpu")
-        done = ck["n_batches"]
-        steps = steps[:done]               # a line written after the last checkpoint is replayed
-        params = dict(self.lm.model.named_parameters())
-        with torch.no_grad():
-            for name, w in ck["weights"].items():
-                params[name].copy_(w.to(params[name].device))
-        self.editor.load_state(ck.get("editor_state") or {})
-        return steps
+        try:
+            text = self.journal.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise self._refuse(self.journal, f"damaged journal ({_first_line(e)[:120]})") from None
+        return text.split("\n")[:-1]
 
-    def _save(self, steps: list[dict], names: list[str]) -> None:
-        params = dict(self.lm.model.named_parameters())
-        tmp = self.checkpoint.with_suffix(".tmp")
-        torch.save({"n_batches": len(steps), "weights": {n: params[n].detach().cpu() for n in names},
-                    "editor_state": self.editor.state()}, tmp)
-        tmp.replace(self.checkpoint)
+    def _reconcile(self, ck: dict | None) -> list[str]:
+        """The journal lines to resume from: the checkpoint's, once the journal agrees with them; the journal is
+        rewritten to exactly those lines (extra lines dropped, lost lines written back)."""
+        journal = self._journal_lines()
+        saved: list[str] = list(ck["journal"]) if ck else []
+        common = min(len(journal), len(saved))
+        bad = next((i for i in range(common) if journal[i] != saved[i]), None)
+        if bad is not None:
+            raise self._refuse(self.journal, f"line {bad + 1} differs from the checkpoint's record of that edit "
+                                             "(written by another run or edited by hand)")
+        if len(journal) > len(saved):
+            warnings.warn(f"{self.journal}: {len(journal) - len(saved)} edit(s) journaled after the last checkpoint "
+                          "are replayed", stacklevel=3)
+        elif len(journal) < len(saved):
+            warnings.warn(f"{self.journal}: {len(saved) - len(journal)} journal line(s) lost; restored from "
+                          f"{self.checkpoint.name}", stacklevel=3)
+        for i, line in enumerate(saved):
+            step = json.loads(line)
+            if step.get("case_ids") != [c.case_id for c in self.batches[i]]:
+                raise self._refuse(self.checkpoint, f"edit {i + 1} was of other cases than this run's")
+        _write_atomic(self.journal, "".join(line + "\n" for line in saved).encode())
+        return saved
+
+    def _start(self, names: list[str]) -> list[str]:
+        """Journal lines of the edits already done: those of a verified checkpoint with --resume, else none (and
+        the files of an earlier run with the same configuration are cleared)."""
+        if self.resume:
+            ck = self._read_checkpoint(names)
+            lines = self._reconcile(ck)
+            if ck is not None:
+                params = dict(self.lm.model.named_parameters())
+                with torch.no_grad():
+                    for name, w in ck["weights"].items():
+                        params[name].copy_(w.to(params[name].device))
+                self.editor.load_state(ck.get("editor_state") or {})
+            return lines
+        self.checkpoint.unlink(missing_ok=True)
+        _write_atomic(self.journal, b"")
+        return []
+
+    def _append(self, line: str) -> None:
+        with self.journal.open("a", encoding="utf-8") as f:    # the record first, then the weights it describes
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     # --- the run ---------------------------------------------------------------------------------------
     def run(self, timer) -> SequentialResult:
         lm, editor = self.lm, self.editor
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         names = editor.edited_parameters(lm)
-        original = WeightSnapshot(lm.model, names)  # taken before any replay: restore returns to the base model
-        editor.prepare(lm)                          # from the unedited model, as in an uninterrupted run
-        result = SequentialResult(ppl_base=self.ppl_base)
+        self.lock.acquire()
         try:
-            steps = self._load_journal()
-            result.resumed_from = len(steps)
-            if not steps:
-                self.journal.write_text("")
-            n_edits = sum(len(s["case_ids"]) for s in steps)
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(self.batches), initial=len(steps), desc=f"sequential {editor.name}",
-                       disable=not self.progress, leave=False)
-            for batch in self.batches[len(steps):]:
-                with timer.phase("edit"):
-                    edit = editor.apply(lm, batch)
-                n_edits += len(batch)
-                with timer.phase("evaluate"):
-                    scores = [counterfact_metrics(lm.model, lm.tokenizer, c, prefix=edit.prompt_prefix)
-                              for c in batch]
-                ppl = None
-                if any(n_edits - len(batch) < p <= n_edits for p in self.ppl_points):   # a point in this batch
-                    with timer.phase("perplexity"):
-                        ppl = self.perplexity()
-                step = {"n_edits": n_edits, "case_ids": [c.case_id for c in batch], "ppl": ppl,
-                        "efficacy": [s["efficacy_success"] for s in scores],
-                        "paraphrase": [s["paraphrase_success"] for s in scores],
-                        "norms": layer_norms(original, lm.model), "edit_seconds": edit.seconds}
-                steps.append(step)
-                with self.journal.open("a") as f:    # the record first, then the weights it describes
-                    f.write(json.dumps(step) + "\n")
-                self._save(steps, names)
-                bar.update(1)
-            bar.close()
-            result.steps = steps
-            with timer.phase("evaluate_final"):
-                for c in self.cases:
-                    m = counterfact_metrics(lm.model, lm.tokenizer, c)
-                    result.final[c.case_id] = {k: m[k] for k in ("efficacy_success", "paraphrase_success",
-                                                                 "neighborhood_success")}
+            original = WeightSnapshot(lm.model, names)  # taken before any replay: restore returns to the base model
+            before = param_digest(lm.model, names)
+            try:
+                editor.prepare(lm)                      # from the unedited model, as in an uninterrupted run
+                return self._run(timer, names, original)
+            finally:
+                with timer.phase("restore"):
+                    original.restore()
+                    editor.reset()
+                if param_digest(lm.model, names) != before:
+                    raise RuntimeError(f"restore after the sequential {editor.name} run was not bit-exact for {names}")
         finally:
-            with timer.phase("restore"):
-                original.restore()
-                editor.reset()
+            self.lock.release()
+
+    def _run(self, timer, names: list[str], original: WeightSnapshot) -> SequentialResult:
+        lm, editor = self.lm, self.editor
+        lines = self._start(names)
+        result = SequentialResult(ppl_base=self.ppl_base, resumed_from=len(lines))
+        steps = [json.loads(line) for line in lines]
+        n_edits = sum(len(s["case_ids"]) for s in steps)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(self.batches), initial=len(steps), desc=f"sequential {editor.name}",
+                   disable=not self.progress, leave=False)
+        for batch in self.batches[len(steps):]:
+            with timer.phase("edit"):
+                edit = editor.apply(lm, batch)
+            n_edits += len(batch)
+            with timer.phase("evaluate"):
+                scores = [counterfact_metrics(lm.model, lm.tokenizer, c, prefix=edit.prompt_prefix) for c in batch]
+            ppl = None
+            if any(n_edits - len(batch) < p <= n_edits for p in self.ppl_points):   # a point in this batch
+                with timer.phase("perplexity"):
+                    ppl = self.perplexity()
+            step = {"n_edits": n_edits, "case_ids": [c.case_id for c in batch], "ppl": ppl,
+                    "efficacy": [s["efficacy_success"] for s in scores],
+                    "paraphrase": [s["paraphrase_success"] for s in scores],
+                    "norms": layer_norms(original, lm.model), "edit_seconds": edit.seconds}
+            line = json.dumps(step)
+            steps.append(json.loads(line))       # the record as a resumed run reads it back
+            lines.append(line)
+            self._append(line)
+            self._save(lines, names)
+            bar.update(1)
+        bar.close()
+        result.steps = steps
+        with timer.phase("evaluate_final"):
+            for c in self.cases:
+                m = counterfact_metrics(lm.model, lm.tokenizer, c)
+                result.final[c.case_id] = {k: m[k] for k in ("efficacy_success", "paraphrase_success",
+                                                             "neighborhood_success")}
         return result

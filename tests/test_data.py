@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from harness.data import (DataError, EditCase, default_ppl_corpus, default_stats_corpus, load_cases,
-                          load_counterfact_rome, load_easyedit, load_hardedit, load_texts, load_zsre,
+from harness.data import (DataError, EditCase, SkippedRecordsWarning, default_ppl_corpus, default_stats_corpus,
+                          load_cases, load_counterfact_rome, load_easyedit, load_hardedit, load_texts, load_zsre,
                           resolve_data_dir, save_easyedit)
 from harness.data.corpus import split_paragraphs
 
@@ -110,7 +110,8 @@ def test_rome_malformed_names_file_record_field(tmp_path: Path, rewrite: dict, f
     with pytest.raises(DataError) as e:
         load_counterfact_rome(path)
     assert_one_line(e.value, "counterfact.json", "record 1", "case_id 3648", f"'{field}'", "--skip-invalid")
-    assert [c.case_id for c in load_counterfact_rome(path, skip_invalid=True)] == ["1"]
+    with pytest.warns(SkippedRecordsWarning, match="counterfact.json: skipped 1 invalid record"):
+        assert [c.case_id for c in load_counterfact_rome(path, skip_invalid=True)] == ["1"]
 
 
 def test_rome_missing_requested_rewrite(tmp_path: Path) -> None:
@@ -144,7 +145,8 @@ def test_non_object_record(tmp_path: Path) -> None:
     path = write(tmp_path / "cf.json", [rome_record(1), "oops"])
     with pytest.raises(DataError, match="cf.json record 1: field '<record>'"):
         load_counterfact_rome(path)
-    assert len(load_counterfact_rome(path, skip_invalid=True)) == 1
+    with pytest.warns(SkippedRecordsWarning):
+        assert len(load_counterfact_rome(path, skip_invalid=True)) == 1
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -198,7 +200,8 @@ def test_easyedit_subject_not_in_prompt(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_easyedit(path)
     assert_one_line(e.value, "ee.json", "record 1", "case_id 12", "'subject'", "'prompt'")
-    assert len(load_easyedit(path, skip_invalid=True)) == 1
+    with pytest.warns(SkippedRecordsWarning):
+        assert len(load_easyedit(path, skip_invalid=True)) == 1
 
 
 @pytest.mark.parametrize("drop", ["prompt", "subject", "target_new"])
@@ -247,7 +250,8 @@ def test_zsre_empty_alt_and_subject(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_zsre(path)
     assert_one_line(e.value, "zsre.json", "record 1", "field 'alt'", "--skip-invalid")
-    assert len(load_zsre(path, skip_invalid=True)) == 1
+    with pytest.warns(SkippedRecordsWarning, match="skipped 2 invalid"):
+        assert len(load_zsre(path, skip_invalid=True)) == 1
     with pytest.raises(DataError) as e:
         load_zsre(write(tmp_path / "z2.json", [zsre_record(subject="Nobody")]))
     assert_one_line(e.value, "z2.json", "record 0", "'subject'", "'src'")
@@ -383,7 +387,7 @@ def test_text_files(tmp_path: Path) -> None:
 
 
 def test_default_corpora(tmp_path: Path) -> None:
-    assert default_ppl_corpus(None) == "builtin-sentences" and default_stats_corpus(tmp_path) == "builtin"
+    assert default_ppl_corpus(None) == "builtin-sentences" and default_stats_corpus(tmp_path) == "model-samples"
     (tmp_path / "collapse").mkdir()
     write(tmp_path / "collapse" / "ME-PPL_50.json", [{"Corpus": "x", "Text": "t"}])
     assert default_ppl_corpus(tmp_path) == "me-ppl-50"
@@ -411,7 +415,9 @@ def test_real_counterfact_easyedit() -> None:
 def test_real_zsre() -> None:
     with pytest.raises(DataError, match="field 'alt'"):
         load_cases("zsre", data_dir=REAL)
-    cases = load_cases("zsre", data_dir=REAL, skip_invalid=True)
+    with pytest.warns(SkippedRecordsWarning, match="zsre_mend_train_1k.json: skipped 2 invalid"):
+        cases = load_cases("zsre", data_dir=REAL, skip_invalid=True)
+    assert len(cases.skipped) == 2 and cases.skipped[0].index == 534 and {s.field for s in cases.skipped} == {"alt"}
     assert len(cases) == 998
     assert all(c.target_new == c.target_new.strip() and c.target_new for c in cases)
     assert all(c.rewrite_prompt.endswith("?") and len(c.locality) == 1 for c in cases[:50])

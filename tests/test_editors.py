@@ -135,3 +135,29 @@ def test_value_loss_starts_at_the_target_nll(tiny_lm, builtin_cases):
     _, _, info = optimize_value(tiny_lm, case, tiny_lm.adapter.mlp_name(1), ["{}"], ValueOpt(steps=1))
     (expected,) = score_targets(tiny_lm.model, tiny_lm.tokenizer, [case.rewrite_prompt], [case.target_new])
     assert info["v_loss"][0] == pytest.approx(expected.nll_mean, rel=1e-3)
+
+
+def test_hparam_values_are_type_checked(tiny_llama):
+    with pytest.raises(HparamsError, match=r"editor 'rome': hyper-parameter layer='abc' is not a valid int"):
+        build_editor("rome", tiny_llama, ["rome.layer=abc"])
+    with pytest.raises(HparamsError, match=r"hyper-parameter layers=5 is not a valid list"):
+        build_editor("memit", tiny_llama, ["memit.layers=5"])
+    with pytest.raises(HparamsError, match=r"mom2_adjustment='maybe' is not a valid bool"):
+        build_editor("rome", tiny_llama, ["rome.mom2_adjustment=maybe"])
+    hp = build_editor("ft_m", tiny_llama, ["layer=1", "lr=1", "norm_constraint=null"]).hparams
+    assert hp.lr == 1.0 and isinstance(hp.lr, float) and hp.norm_constraint is None
+
+
+def test_family_files_hold_only_overrides_and_unknown_families_fall_back():
+    import yaml
+    from harness.editors.base import HPARAMS_DIR, hparams_files
+
+    rome = registry.get("rome")
+    assert not list(HPARAMS_DIR.glob("*/default.yaml"))            # defaults live in the dataclasses only
+    assert hparams_files(rome, "qwen2") == hparams_files(rome, "llama") == [HPARAMS_DIR / "rome" / "llama.yaml"]
+    assert hparams_files(rome, "gptj") == []                       # no file: the dataclass (GPT-J reference)
+    for f in HPARAMS_DIR.glob("*/*.yaml"):
+        values = yaml.safe_load(f.read_text()) or {}
+        cls = registry.get(f.parent.name)
+        assert set(values) <= {x.name for x in __import__("dataclasses").fields(cls.Hparams)}, f
+        assert f.read_text().lstrip().startswith("#"), f"{f}: say where the values come from"

@@ -68,10 +68,13 @@ def test_screenshot_is_a_real_picture(rendered):
 def test_dom_has_tables_and_svg_plots(report_html, rendered):
     dom = rr.dump_dom(report_html)           # what `chromium --headless --dump-dom` prints
     for text in (dom, rendered.dom):
-        assert text.count("<svg") == 5
-        assert text.count("<table") >= 5
-        assert "Summary per editor" in text and "Suite: single_edit" in text and "Suite: sequential" in text
-        assert XSS not in text and "<script" not in text    # the dataset text stayed text
+        assert text.count("<svg") == 7       # ppl curve, ppl ratio, mean |W|, ES, PS and NS panels, timings
+        assert text.count("<table") >= 7
+        for title in ("<h2>Summary</h2>", "Suite: single_edit", "Suite: sequential", "<h2>Provenance</h2>"):
+            assert title in text
+        assert XSS not in text and text.count("<script") == 1    # the dataset text stayed text
+    # the inline script ran: one filter box per sortable table, and no console errors (checked above)
+    assert rendered.dom.count('class="filter"') == rendered.dom.count('class="sortable"') >= 5
 
 
 @needs_chromium

@@ -38,6 +38,20 @@ class EditCase:
     noise_seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
+    def __post_init__(self) -> None:
+        # a case built in code gets the checks the loaders give a file's records: a wrong type here would be
+        # edited silently (a list subject tokenised as its repr, a template without a subject slot)
+        for name in ("case_id", "subject", "prompt", "target_new"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise TypeError(f"EditCase {self.case_id!r}: {name} should be a non-empty string, got "
+                                f"{type(value).__name__} {value!r:.60}")
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            raise TypeError(f"EditCase {self.case_id!r}: target_true should be a string or None, got "
+                            f"{type(self.target_true).__name__}")
+        if "{}" not in self.prompt:
+            raise ValueError(f"EditCase {self.case_id!r}: prompt {self.prompt!r:.80} has no '{{}}' for the subject")
+
     @property
     def rewrite_prompt(self) -> str:
         """The edit prompt with the subject filled in."""

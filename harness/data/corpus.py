@@ -1,10 +1,14 @@
 """General text for perplexity and key (second-moment) statistics: built-in passages, ME-PPL, WikiText, files."""
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import re
+import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .loaders import BUILTIN_DIR, DATA_DIR_ENV, DataError, read_json_records, resolve_data_dir
 
@@ -19,9 +23,14 @@ NAMED_CORPORA: dict[str, str] = {
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 
 
+# text sampled from the model itself (``model_sample_texts``): the key statistics' default without a data dir
+MODEL_SAMPLES = "model-samples"
+
+
 def corpus_names() -> list[str]:
-    """Named corpora accepted by :func:`load_texts` (besides .txt/.json/.jsonl paths)."""
-    return ["builtin", "builtin-sentences", *NAMED_CORPORA]
+    """Named corpora accepted by :func:`load_texts` (besides .txt/.json/.jsonl paths); ``model-samples`` needs the
+    model (``model_sample_texts``)."""
+    return ["builtin", "builtin-sentences", MODEL_SAMPLES, *NAMED_CORPORA]
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
@@ -85,6 +94,9 @@ def load_texts(spec: str, *, data_dir: str | os.PathLike[str] | None = None, lim
     spec = str(spec)
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
+    if spec == MODEL_SAMPLES:
+        raise DataError(f"corpus {spec!r} is sampled from the model: use model_sample_texts(lm, ...) "
+                        "(the key statistics do), or name a text corpus")
     if spec == "builtin":
         texts = _read_file(BUILTIN_DIR / "passages.json")
     elif spec == "builtin-sentences":
@@ -120,5 +132,94 @@ def default_ppl_corpus(data_dir: str | os.PathLike[str] | None = None) -> str:
 
 
 def default_stats_corpus(data_dir: str | os.PathLike[str] | None = None) -> str:
-    """'wikitext' when the data dir holds it, else 'builtin'."""
-    return "wikitext" if _has(data_dir, "wikitext") else "builtin"
+    """'wikitext' when the data dir holds it, else 'model-samples' (text sampled from the model: as many tokens as
+    the statistics ask for; the built-in passages hold only about 7k tokens)."""
+    return "wikitext" if _has(data_dir, "wikitext") else MODEL_SAMPLES
+
+
+# --- text sampled from the model ---------------------------------------------------------------------------
+def sample_ids(model, ids, max_out_len: int, top_k: int | None = 5, generator=None, temperature: float = 1.0):
+    """ids [b, n] (no padding) continued to [b, max_out_len]: every new token drawn from the softmax of the logits /
+    ``temperature``, restricted to the ``top_k`` most likely (None: the whole vocabulary); no nucleus, no repetition
+    penalty, no stop at end-of-text, whatever the model's ``generation_config`` says (ROME's ``generate_fast``)."""
+    import torch
+
+    step_in, cache = ids, None
+    with torch.no_grad():
+        while ids.shape[1] < max_out_len:
+            o = model(input_ids=step_in, past_key_values=cache, use_cache=True)
+            cache = o.past_key_values
+            probs = torch.softmax(o.logits[:, -1].float() / temperature, dim=-1)       # [b, V]
+            if top_k:
+                top_p, top_i = torch.topk(probs, top_k, dim=-1)                        # [b, k]
+                pick = torch.multinomial(top_p / top_p.sum(1, keepdim=True), 1, generator=generator)
+                step_in = top_i.gather(1, pick)                                        # [b, 1]
+            else:
+                step_in = torch.multinomial(probs, 1, generator=generator)             # [b, 1]
+            ids = torch.cat([ids, step_in], dim=1)
+    return ids
+
+
+def sample_continuations(lm, prompts: Sequence[str], max_out_len: int, top_k: int | None = 5,
+                         generator=None, temperature: float = 1.0) -> list[str]:
+    """Each prompt continued by the model until it is ``max_out_len`` tokens long (prompt included), by
+    ``sample_ids`` (ROME's ``generate_fast`` with ``top_k=5``). The prompts' tokens are the tokenizer's (special
+    tokens included, as the reference's). Decoded without special tokens (the reference deletes GPT-2's only one,
+    ``<|endoftext|>``), NFKD-normalised, blank lines folded, the leading space kept. Prompts of different token
+    lengths are sampled in groups of equal length (no padding). ``lm``: a loaded model (``model``, ``tokenizer``,
+    ``device``)."""
+    import torch
+
+    tok = lm.tokenizer
+    encoded = [tok(p).input_ids for p in prompts]
+    out: list[str] = [""] * len(prompts)
+    for length in sorted({len(e) for e in encoded}):
+        rows = [i for i, e in enumerate(encoded) if len(e) == length]
+        ids = torch.tensor([encoded[i] for i in rows], device=lm.device)               # [b, length]
+        ids = sample_ids(lm.model, ids, max_out_len, top_k, generator, temperature)
+        for r, seq in zip(rows, ids.tolist()):
+            text = unicodedata.normalize("NFKD", tok.decode(seq, skip_special_tokens=True))
+            out[r] = text.replace("\n\n", " ")
+    return out
+
+
+# settings of the model-sampled corpus; part of its cache key (change any and the text is sampled again)
+SAMPLE_SETTINGS: dict[str, Any] = {"seq_len": 256, "top_k": None, "temperature": 1.0, "seed": 0,
+                                   "prompt_words": 4, "batch_size": 64, "version": 1}
+
+
+def model_sample_texts(lm, n_tokens: int, cache_dir: str | os.PathLike[str] | None = None,
+                       settings: dict[str, Any] | None = None, progress: bool = False) -> list[str]:
+    """General text sampled from the model itself, about ``n_tokens`` tokens in sequences of ``seq_len`` tokens:
+    each sequence starts with the first ``prompt_words`` words of a built-in sentence (cycled, so topics and
+    genres vary) and continues by plain sampling at temperature 1 from the whole vocabulary (an unbiased draw from
+    the model's own distribution of text). Generated once and cached as JSON under
+    ``cache_dir/corpus/<model fingerprint>/``, keyed by the settings, the seed and the token count."""
+    import torch
+
+    st = {**SAMPLE_SETTINGS, **(settings or {})}
+    key = {**st, "n_tokens": int(n_tokens), "model": lm.identity.get("fingerprint", "")}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = (Path(cache_dir) / "corpus" / (key["model"] or "unknown") / f"{MODEL_SAMPLES}-{digest}.json"
+            if cache_dir else None)
+    if path is not None and path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["texts"]
+        except (OSError, ValueError, KeyError):
+            pass                                                    # unreadable: sample again and overwrite
+    words = [" ".join(s.split()[: st["prompt_words"]]) for s in builtin_sentences()]
+    n_seq = math.ceil(n_tokens / (st["seq_len"] - 8)) + 1         # a margin for the prompt and re-tokenisation
+    prompts = [words[i % len(words)] for i in range(n_seq)]
+    gen = torch.Generator(device=lm.device).manual_seed(int(st["seed"]))
+    texts: list[str] = []
+    for s in range(0, n_seq, st["batch_size"]):
+        texts += sample_continuations(lm, prompts[s:s + st["batch_size"]], st["seq_len"], st["top_k"], gen,
+                                      st["temperature"])
+        if progress:
+            print(f"\rsampling text for key statistics: {len(texts)}/{n_seq} sequences", end="", flush=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"settings": key, "texts": texts}), encoding="utf-8")
+        tmp.replace(path)
+    return texts

@@ -3,20 +3,21 @@
 Formats: ROME CounterFact JSON, EasyEdit / KnowEdit / HardEdit records, MEND zsRE records, plus the built-in
 sets shipped in ``builtin/`` (CounterFact format) and, optionally, Hugging Face datasets (``hf:owner/name``).
 Every malformed record raises a one-line :class:`DataError` naming the file, the record and the field, unless
-``skip_invalid`` is set, in which case it is skipped and counted in a warning.
+``skip_invalid`` is set: then it is skipped, one :class:`SkippedRecordsWarning` per file gives the count, and the
+returned :class:`LoadedCases` lists every skipped record (``.skipped``) for the run to report. A file whose records
+are all invalid is an error either way.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .case import EditCase
-
-log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
@@ -42,6 +43,40 @@ class _Invalid(Exception):
         super().__init__(f"field '{field}' {problem}")
         self.field = field
         self.problem = problem
+
+
+class SkippedRecordsWarning(UserWarning):
+    """--skip-invalid left records of a file out (the message gives the file, the count and the first reason)."""
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """One record ``--skip-invalid`` left out: where it is and why."""
+
+    file: str            # the file's name (or the hf: spec)
+    index: int           # position in the file's list of records (0-based)
+    record_id: str | None  # "case_id 3648", "id 7", ... when the record has one
+    field: str           # the offending field ("<record>" when the record is not an object)
+    reason: str          # the one-line message a strict load would have raised
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LoadedCases(list):
+    """The cases of one load (a plain ``list`` of :class:`EditCase`), with the records ``skip_invalid`` left out."""
+
+    def __init__(self, cases: Iterable[EditCase] = (), skipped: Iterable[SkippedRecord] = ()):
+        super().__init__(cases)
+        self.skipped: list[SkippedRecord] = list(skipped)
+
+    def skip_summary(self) -> str | None:
+        """One line for the terminal / run JSON (None when nothing was skipped)."""
+        if not self.skipped:
+            return None
+        files = sorted({s.file for s in self.skipped})
+        return (f"--skip-invalid left out {len(self.skipped)} invalid record(s) of {', '.join(files)} "
+                f"(first: {self.skipped[0].reason})")
 
 
 Record = dict[str, Any]
@@ -93,19 +128,19 @@ def _get(rec: Record, dotted: str, *, required: bool = True) -> Any:
     return cur
 
 
+def _preview(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _text(rec: Record, dotted: str, *, required: bool = True, strip: bool = False) -> str | None:
-    """A non-empty string field (optionally stripped); a one-element list is accepted as its element."""
+    """A non-empty string field (optionally stripped). Any other type, a list included, is an error: taking a
+    list's first element would silently edit something else than the record says."""
     value = _get(rec, dotted, required=required)
     if value is None:
         return None
-    if isinstance(value, list):
-        value = value[0] if value else None
-        if value is None:
-            if required:
-                raise _Invalid(dotted, "is an empty list")
-            return None
     if not isinstance(value, str):
-        raise _Invalid(dotted, f"should be a string, got {type(value).__name__}")
+        raise _Invalid(dotted, f"should be a string, got {type(value).__name__} {_preview(value)}")
     if strip:
         value = value.strip()
     if not value.strip():
@@ -126,14 +161,18 @@ def _texts(rec: Record, dotted: str) -> tuple[str, ...]:
     return tuple(x for x in items if x.strip())
 
 
-def _first_text(value: Any) -> str | None:
-    """First string in a possibly nested list (KnowEdit ground truths are sometimes [[...]])."""
+def _first_text(value: Any, dotted: str) -> str | None:
+    """First answer in a possibly nested list of alternatives (KnowEdit ground truths are sometimes [[...]]): a
+    string, or a number written as one; an object or a boolean is an error naming ``dotted``."""
     while isinstance(value, list):
         if not value:
             return None
         value = value[0]
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _Invalid(dotted, f"should be a string or a list of strings, got {type(value).__name__} "
+                               f"{_preview(value)}")
     return str(value).strip() or None
 
 
@@ -181,13 +220,15 @@ def _case_id(rec: Record, index: int) -> str:
     return str(index)
 
 
-def _parse_all(records: Iterable[Any], parse: Parser, *, name: str, limit: int | None,
-               skip_invalid: bool) -> list[EditCase]:
-    """Parse records in order, stopping after ``limit`` valid cases; skip or raise on bad records."""
+def _parse_all(records: Sequence[Any], parse: Parser, *, name: str, limit: int | None,
+               skip_invalid: bool) -> LoadedCases:
+    """Parse records in order, stopping after ``limit`` valid cases; raise on a bad record, or skip it (and list
+    it in ``.skipped``, with one warning for the file). All records invalid, or none at all, is an error."""
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
-    cases: list[EditCase] = []
-    skipped: list[str] = []
+    if not records:
+        raise DataError(f"{name}: contains no records")
+    cases = LoadedCases()
     for i, rec in enumerate(records):
         if limit is not None and len(cases) >= limit:
             break
@@ -198,12 +239,16 @@ def _parse_all(records: Iterable[Any], parse: Parser, *, name: str, limit: int |
                 raise _Invalid("<record>", f"should be a JSON object, got {type(rec).__name__}")
             cases.append(parse(rec, i))
         except _Invalid as e:
-            msg = f"{where}: {e}"
+            msg = _one_line(f"{where}: {e}")
             if not skip_invalid:
-                raise DataError(f"{_one_line(msg)}; {SKIP_HINT}") from None
-            skipped.append(_one_line(msg))
-    if skipped:
-        log.warning("%s: skipped %d invalid record(s); first: %s", name, len(skipped), skipped[0])
+                raise DataError(f"{msg}; {SKIP_HINT}") from None
+            cases.skipped.append(SkippedRecord(name, i, rid, e.field, msg))
+    if cases.skipped and not cases:
+        raise DataError(f"{name}: all {len(cases.skipped)} record(s) read are invalid (first: "
+                        f"{cases.skipped[0].reason}); fix the file or give another --dataset")
+    if cases.skipped:
+        warnings.warn(f"{name}: skipped {len(cases.skipped)} invalid record(s) (--skip-invalid); first: "
+                      f"{cases.skipped[0].reason}", SkippedRecordsWarning, stacklevel=2)
     return cases
 
 
@@ -244,7 +289,7 @@ def _parse_rome(source: str) -> Parser:
 
 
 def load_counterfact_rome(path: str | os.PathLike[str], *, limit: int | None = None, skip_invalid: bool = False,
-                          source: str = "counterfact") -> list[EditCase]:
+                          source: str = "counterfact") -> LoadedCases:
     """Load ROME CounterFact JSON (``requested_rewrite`` records); targets stripped, case_id as str."""
     p = Path(path)
     return _parse_all(read_json_records(p), _parse_rome(source), name=p.name, limit=limit,
@@ -273,7 +318,7 @@ def _nested_locality(value: Any) -> list[tuple[str, str]]:
             if len(answers) != len(prompts):
                 raise _Invalid("locality", "has prompt and ground_truth lists of different lengths")
             for p, a in zip(prompts, answers):
-                answer = _first_text(a)
+                answer = _first_text(a, "locality")
                 if isinstance(p, str) and p.strip() and answer is not None:
                     pairs.append((p, answer))
     return pairs
@@ -287,10 +332,10 @@ def _parse_easyedit(source: str) -> Parser:
         template = rec.get("prompt_template")
         if not (isinstance(template, str) and _fills_to(template, subject, prompt)):
             template = _template(prompt, subject, "prompt")
-        target_new = _first_text(_get(rec, "target_new"))
+        target_new = _first_text(_get(rec, "target_new"), "target_new")
         if target_new is None:
             raise _Invalid("target_new", "is empty")
-        target_true = _first_text(_get(rec, "ground_truth", required=False))
+        target_true = _first_text(_get(rec, "ground_truth", required=False), "ground_truth")
 
         rephrase_key = "rephrase_prompt" if "rephrase_prompt" in rec else "rephrase"
         neighborhood: list[str] = []
@@ -302,7 +347,7 @@ def _parse_easyedit(source: str) -> Parser:
             if len(answers) != len(loc_prompts):
                 raise _Invalid("locality_ground_truth", "has a different length than field 'locality_prompt'")
             for p, a in zip(loc_prompts, answers):
-                answer = _first_text(a)
+                answer = _first_text(a, "locality_ground_truth")
                 # CounterFact-derived data: the locality answer is the case's true target -> neighbourhood prompt
                 if answer == target_true:
                     neighborhood.append(p)
@@ -333,7 +378,7 @@ def _parse_easyedit(source: str) -> Parser:
 
 
 def load_easyedit(path: str | os.PathLike[str], *, limit: int | None = None, skip_invalid: bool = False,
-                  source: str = "easyedit") -> list[EditCase]:
+                  source: str = "easyedit") -> LoadedCases:
     """Load EasyEdit / KnowEdit / HardEdit records (``prompt`` with the subject filled in, ``target_new``...).
 
     ``locality_prompt`` pairs whose answer equals ``ground_truth`` become neighbourhood prompts (CounterFact
@@ -346,7 +391,7 @@ def load_easyedit(path: str | os.PathLike[str], *, limit: int | None = None, ski
 
 
 def load_hardedit(path: str | os.PathLike[str], *, limit: int | None = None,
-                  skip_invalid: bool = False) -> list[EditCase]:
+                  skip_invalid: bool = False) -> LoadedCases:
     """Load HardEdit files (EasyEdit-style records) with ``source="hardedit"``."""
     return load_easyedit(path, limit=limit, skip_invalid=skip_invalid, source="hardedit")
 
@@ -431,7 +476,7 @@ def _parse_zsre(source: str) -> Parser:
             subject=subject,
             prompt=template,
             target_new=alt.strip(),
-            target_true=_first_text(answers),
+            target_true=_first_text(answers, "answers"),
             paraphrase_prompts=_texts(rec, "rephrase"),
             locality=locality,
             source=source,
@@ -441,7 +486,7 @@ def _parse_zsre(source: str) -> Parser:
 
 
 def load_zsre(path: str | os.PathLike[str], *, limit: int | None = None, skip_invalid: bool = False,
-              source: str = "zsre") -> list[EditCase]:
+              source: str = "zsre") -> LoadedCases:
     """Load MEND zsRE records: template = ``src`` with the subject as ``{}`` (the question is kept as the prompt,
     as EasyEdit does), target_new = ``alt`` stripped, target_true = ``answers[0]``, locality = (loc, loc_ans)."""
     p = Path(path)
@@ -473,7 +518,7 @@ _DEFAULT_SOURCE = {"rome": "counterfact", "zsre": "zsre", "easyedit": "easyedit"
 
 
 def _load_sniffed(records: list[Any], name: str, *, limit: int | None, skip_invalid: bool,
-                  source: str | None = None) -> list[EditCase]:
+                  source: str | None = None) -> LoadedCases:
     if not records:
         raise DataError(f"{name}: contains no records")
     try:
@@ -484,7 +529,7 @@ def _load_sniffed(records: list[Any], name: str, *, limit: int | None, skip_inva
                       skip_invalid=skip_invalid)
 
 
-def _load_hf(spec: str, *, limit: int | None, skip_invalid: bool) -> list[EditCase]:
+def _load_hf(spec: str, *, limit: int | None, skip_invalid: bool) -> LoadedCases:
     """``hf:owner/name[:split]`` through the optional ``datasets`` package."""
     name, _, split = spec[3:].partition(":")
     if not name:
@@ -509,7 +554,7 @@ def dataset_names() -> list[str]:
 
 
 def load_cases(spec: str = "builtin", *, data_dir: str | os.PathLike[str] | None = None,
-               limit: int | None = None, skip_invalid: bool = False) -> list[EditCase]:
+               limit: int | None = None, skip_invalid: bool = False) -> LoadedCases:
     """Load edit cases from a named set, a file path (format sniffed) or ``hf:owner/name[:split]``."""
     spec = str(spec)
     if spec in BUILTIN_SETS:

@@ -47,15 +47,35 @@ import torch
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
 from .base import register_editor
-from .memit import MEMIT, ZHparams, layer_keys
+from .memit import MEMIT, ZHparams
 
 
 @dataclass
 class AlphaEditHparams(ZHparams):
+    """Defaults: jianghoucheng/AlphaEdit ``hparams/AlphaEdit/Llama3-8B.json`` (MEMIT's z settings otherwise)."""
     layers: list = field(default_factory=lambda: [4, 5, 6, 7, 8])
     nullspace_threshold: float = 2e-2      # singular values of C below this span the preserved keys' null space
     L2: float = 10.0                       # alpha, the ridge term of the solve
     v_lr: float = 0.1
+
+
+def null_space_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U^ U^^T [d_in, d_in] (float32): the projector onto the span of C's singular vectors with singular values
+    below ``threshold`` (``get_project``). C is symmetric PSD, so its SVD is its eigen-decomposition."""
+    eigenvalues, U = torch.linalg.eigh(C.double())                              # C = U diag(s) U^T
+    U_hat = U[:, eigenvalues.abs() < threshold]                                 # [d_in, r]
+    return (U_hat @ U_hat.T).float()
+
+
+def alphaedit_update(P: torch.Tensor, KpKp: torch.Tensor, K: torch.Tensor, R: torch.Tensor, L2: float) -> torch.Tensor:
+    """delta [d, d_in] with delta^T = (P (K1 K1^T + K_p K_p^T) + L2 I)^-1 P K1 R^T (``apply_AlphaEdit_to_model``),
+    in float64. P [d_in, d_in], KpKp [d_in, d_in], K [d_in, n], R [d, n]. delta (I - P) = 0."""
+    K, R = K.double(), R.double().to(K.device)
+    P, KpKp = P.double().to(K.device), KpKp.double().to(K.device)
+    d_in = K.shape[0]
+    lhs = P @ (K @ K.T + KpKp) + L2 * torch.eye(d_in, dtype=K.dtype, device=K.device)
+    delta_T = torch.linalg.solve(lhs, P @ K @ R.T)                              # [d_in, d]
+    return delta_T.T.float()                                                    # [d, d_in]
 
 
 @register_editor
@@ -97,11 +117,8 @@ class AlphaEdit(MEMIT):
         if key not in self._projectors:
             if self.stats is None:
                 raise ValueError("AlphaEdit needs key statistics (a LayerStats): pass stats=...")
-            C = self.stats.second_moment(layer).double()                        # [d_in, d_in]
-            # C is symmetric PSD: its SVD is its eigen-decomposition (singular values = |eigenvalues|)
-            eigenvalues, U = torch.linalg.eigh(C)                               # C = U diag(s) U^T
-            U_hat = U[:, eigenvalues.abs() < self.hparams.nullspace_threshold]  # [d_in, r]
-            self._projectors[key] = (U_hat @ U_hat.T).float()                   # [d_in, d_in], stored as C is
+            self._projectors[key] = null_space_projector(self.stats.second_moment(layer),
+                                                         self.hparams.nullspace_threshold)
         return self._projectors[key]
 
     def previous_keys(self, layer: int, d_in: int, device) -> torch.Tensor:
@@ -113,22 +130,17 @@ class AlphaEdit(MEMIT):
     def layer_update(self, lm: LoadedModel, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """delta [d, d_in] = R K1^T P (K_p K_p^T P + K1 K1^T P + L2 I)^-1, solved in float64 as
         delta^T = (P (K1 K1^T + K_p K_p^T) + L2 I)^-1 P K1 R^T."""
-        K, R = K.double(), R.double()                                           # [d_in, n], [d, n]
-        d_in = K.shape[0]
-        P = self.null_space_projector(lm, layer).to(K.device).double()          # [d_in, d_in]
-        KpKp = self.previous_keys(layer, d_in, K.device)                        # [d_in, d_in]
-        lhs = P @ (K @ K.T + KpKp) + self.hparams.L2 * torch.eye(d_in, dtype=K.dtype, device=K.device)
-        delta_T = torch.linalg.solve(lhs, P @ K @ R.T)                          # [d_in, d]
-        return delta_T.T.float()                                                # [d, d_in]
+        P = self.null_space_projector(lm, layer)                                # [d_in, d_in]
+        KpKp = self.previous_keys(layer, K.shape[0], K.device)                  # [d_in, d_in]
+        return alphaedit_update(P, KpKp, K, R, self.hparams.L2)
 
     def execute(self, lm: LoadedModel, cases: Sequence[EditCase]) -> dict[str, Any]:
         info = super().execute(lm, cases)           # MEMIT's loop, with the projected solve above at each layer
         # the new keys join K_p, each layer's taken on the fully edited model (as the official code does);
         # committed only once all layers are done, so a failed edit leaves the cache as it was
-        templates = self.context_templates(lm)
         new_kk = {}
         for layer in self.hparams.layers:
-            K = layer_keys(lm, layer, cases, templates).double()                # [d_in, n]
+            K = self.keys(lm, layer, cases).double()                # [d_in, n]
             new_kk[layer] = self.previous_keys(layer, K.shape[0], K.device) + K @ K.T   # [d_in, d_in]
         self._prev_kk.update(new_kk)
         self._n_cached += len(cases)

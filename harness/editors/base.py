@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -22,6 +24,9 @@ from ..models.snapshot import WeightSnapshot
 
 ENTRY_POINT_GROUP = "harness.editors"
 HPARAMS_DIR = Path(__file__).parent / "hparams"
+# families without files of their own read another family's: Mistral and Qwen2/3 share Llama's module layout, and
+# EasyEdit's Mistral-7B and Qwen2.5-7B files for ROME and MEMIT hold the same values as its Llama-7B ones
+FAMILY_FALLBACK: dict[str, str] = {"mistral": "llama", "qwen2": "llama", "qwen3": "llama"}
 
 
 class UnknownEditorError(KeyError):
@@ -128,15 +133,25 @@ def _coerce(value: Any) -> Any:
     return parsed
 
 
+def hparams_files(editor_cls: type[Editor], family: str) -> list[Path]:
+    """The files that set ``editor_cls``'s hyper-parameters on ``family``, in order: ``default.yaml`` (third-party
+    editors may keep their defaults there; the built-in ones keep them in their dataclass) and the family's file
+    (or that of the family it falls back to, ``FAMILY_FALLBACK``)."""
+    folder = HPARAMS_DIR / getattr(editor_cls, "hparams_name", editor_cls.name)
+    family_file = folder / f"{family}.yaml"
+    if not family_file.exists() and family in FAMILY_FALLBACK:
+        family_file = folder / f"{FAMILY_FALLBACK[family]}.yaml"
+    return [f for f in (folder / "default.yaml", family_file) if f.exists()]
+
+
 def load_hparams(editor_cls: type[Editor], family: str, overrides: dict[str, Any] | None = None,
                  n_layers: int | None = None) -> Any:
-    """Hyper-parameters for ``editor_cls`` on a model family: ``hparams/<editor>/<family>.yaml`` (else
-    ``default.yaml``), then ``overrides`` (from ``--hparam``). Layer indices may be negative (from the end)."""
-    folder = HPARAMS_DIR / editor_cls.name
+    """Hyper-parameters for ``editor_cls`` on a model family: the dataclass defaults, then ``hparams_files`` (only
+    what differs), then ``overrides`` (from ``--hparam``). Values are type-checked against the dataclass; layer
+    indices may be negative (from the end)."""
     values: dict[str, Any] = {}
-    for candidate in (folder / "default.yaml", folder / f"{family}.yaml"):
-        if candidate.exists():
-            values.update(yaml.safe_load(candidate.read_text()) or {})
+    for f in hparams_files(editor_cls, family):
+        values.update(yaml.safe_load(f.read_text()) or {})
     for k, v in (overrides or {}).items():
         values[k] = _coerce(v)
     if editor_cls.Hparams is dict:
@@ -146,6 +161,8 @@ def load_hparams(editor_cls: type[Editor], family: str, overrides: dict[str, Any
     if unknown:
         raise HparamsError(f"editor {editor_cls.name!r} has no hyper-parameter {unknown[0]!r}; "
                            f"known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(editor_cls.Hparams)
+    values = {k: _checked(editor_cls.name, k, v, hints.get(k, Any)) for k, v in values.items()}
     hp = editor_cls.Hparams(**values)
     if n_layers is not None:
         for f in ("layer", "layers"):
@@ -154,6 +171,37 @@ def load_hparams(editor_cls: type[Editor], family: str, overrides: dict[str, Any
                 setattr(hp, f, [_layer_index(x, n_layers, editor_cls.name) for x in v]
                         if isinstance(v, (list, tuple)) else _layer_index(v, n_layers, editor_cls.name))
     return hp
+
+
+def _accepts(value: Any, typ: Any) -> bool:
+    """Whether ``value`` (as YAML parsed it) fits the annotation ``typ`` (int, float, bool, str, list, X | None)."""
+    origin = typing.get_origin(typ)
+    if typ is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(value, t) for t in typing.get_args(typ))
+    if typ is type(None):
+        return value is None
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or typ)
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        return " or ".join("null" if t is type(None) else _type_name(t) for t in typing.get_args(typ))
+    return getattr(typing.get_origin(typ) or typ, "__name__", str(typ))
+
+
+def _checked(editor: str, key: str, value: Any, typ: Any) -> Any:
+    """``value`` for hyper-parameter ``key`` if it fits its type (an int where a float is expected becomes a float),
+    else an ``HparamsError`` naming the editor, the key, the value and the expected type."""
+    if not _accepts(value, typ):
+        raise HparamsError(f"editor {editor!r}: hyper-parameter {key}={value!r} is not a valid {_type_name(typ)}; "
+                           f"pass e.g. --hparam {editor}.{key}=<{_type_name(typ)}>")
+    return float(value) if typ is float else value
 
 
 def _layer_index(layer: int, n_layers: int, editor: str) -> int:

@@ -49,13 +49,20 @@ import torch
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
 from .base import register_editor
-from .memit import MEMIT, MemitHparams, hidden_at_subjects, layer_keys
+from .memit import MEMIT, MemitHparams, hidden_at_subjects
 
 
 def _checksum(t: torch.Tensor) -> tuple[float, float]:
     """A cheap fingerprint of a weight (its sum and sum of squares in float64), to notice outside changes."""
     t = t.detach().double()
     return float(t.sum()), float(t.square().sum())
+
+
+def d4s_update(C: torch.Tensor, S_RK: torch.Tensor, S_KK: torch.Tensor, lam: float, share: int = 1) -> torch.Tensor:
+    """delta [d, d_in] = S_RK (lambda C + S_KK)^-1 / share, in float64 (``execute_memit`` with running sums).
+    C, S_KK [d_in, d_in];  S_RK [d, d_in]."""
+    A = lam * C.double().to(S_KK.device) + S_KK.double()                        # [d_in, d_in], symmetric
+    return torch.linalg.solve(A, S_RK.double() / share, left=False).float()     # X A = S_RK / share
 
 
 @register_editor
@@ -114,9 +121,7 @@ class D4S(MEMIT):
         """delta [d, d_in] = S_RK (lambda C + S_KK)^-1 / share, solved in float64."""
         if self.stats is None:
             raise ValueError("D4S needs key statistics (a LayerStats): pass stats=...")
-        C = self.stats.second_moment(layer).double().to(S_KK.device)            # [d_in, d_in]
-        A = self.hparams.mom2_update_weight * C + S_KK                          # [d_in, d_in], symmetric
-        return torch.linalg.solve(A, S_RK / share, left=False).float()          # X A = S_RK / share
+        return d4s_update(self.stats.second_moment(layer), S_RK, S_KK, self.hparams.mom2_update_weight, share)
 
     def execute(self, lm: LoadedModel, cases: Sequence[EditCase]) -> dict[str, Any]:
         hp, adapter = self.hparams, lm.adapter
@@ -124,12 +129,11 @@ class D4S(MEMIT):
         with torch.no_grad():                         # measure this edit on the original weights
             for layer in hp.layers:
                 adapter.mlp_weight(lm.model, layer).copy_(w0[layer])
-        templates = self.context_templates(lm)
         Z, infos = self.target_values(lm, cases)                                # [d, n] on W_0
         R = Z.double() - hidden_at_subjects(lm, hp.layers[-1], cases).double()  # [d, n], relative to W_0, once
         s_rk, s_kk, norms = {}, {}, []
         for i, layer in enumerate(hp.layers):
-            K = layer_keys(lm, layer, cases, templates).double()                # [d_in, n]
+            K = self.keys(lm, layer, cases).double()                # [d_in, n]
             s_rk[layer] = R @ K.T                                                # [d, d_in]
             s_kk[layer] = K @ K.T                                                # [d_in, d_in]
             if layer in self._s_rk:                                              # the earlier edits' sums

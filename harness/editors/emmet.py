@@ -35,10 +35,30 @@ from .memit import MEMIT, MemitHparams
 
 @dataclass
 class EmmetHparams(MemitHparams):
+    """Defaults: unified-model-editing ``hparams/EMMET/gpt2-xl.json``."""
     layers: list = field(default_factory=lambda: [17])
+    v_num_grad_steps: int = 20
     mom2_update_weight: float = 1000.0     # lambda in C = lambda E[k k^T]
     emmet_lambda: float = 0.1              # ridge on D = K^T C^-1 K for batches (n > 1)
     update_norm_lambda: float = 0.0        # mu: C += mu I (0 in every published setting)
+
+
+def emmet_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float, emmet_lambda: float = 0.0,
+                 update_norm_lambda: float = 0.0) -> torch.Tensor:
+    """delta [d, d_in] = R D^-1 K^T C'^-1 with C' = lambda C (+ mu I), D = K^T C'^-1 K (+ emmet_lambda I when
+    n > 1): EMMET eq. 9 (``execute_emmet``), in float64 with linear solves. delta K = R when emmet_lambda = 0.
+
+    C [d_in, d_in];  K [d_in, n];  R [d, n]."""
+    K, R = K.double(), R.double().to(K.device)
+    Cw = lam * C.double().to(K.device)                                          # [d_in, d_in]
+    if update_norm_lambda:
+        Cw = Cw + update_norm_lambda * torch.eye(Cw.shape[0], dtype=Cw.dtype, device=Cw.device)
+    C_inv_K = torch.linalg.solve(Cw, K)                                         # [d_in, n]  C^-1 K
+    D = K.T @ C_inv_K                                                           # [n, n]
+    if D.shape[0] > 1:
+        D = D + emmet_lambda * torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
+    adj = torch.linalg.solve(D, C_inv_K.T)                                      # [n, d_in]  D^-1 K^T C^-1
+    return (R @ adj).float()                                                    # [d, d_in]
 
 
 @register_editor
@@ -52,13 +72,5 @@ class EMMET(MEMIT):
         if self.stats is None:
             raise ValueError("EMMET needs key statistics (a LayerStats): pass stats=...")
         hp = self.hparams
-        C = hp.mom2_update_weight * self.stats.second_moment(layer).double()   # [d_in, d_in]
-        if hp.update_norm_lambda:
-            C = C + hp.update_norm_lambda * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-        K, R = K.double(), R.double()                                          # [d_in, n], [d, n]
-        C_inv_K = torch.linalg.solve(C, K)                                      # [d_in, n]  C^-1 K
-        D = K.T @ C_inv_K                                                       # [n, n]
-        if D.shape[0] > 1:
-            D = D + hp.emmet_lambda * torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
-        adj = torch.linalg.solve(D, C_inv_K.T)                                  # [n, d_in]  D^-1 K^T C^-1
-        return (R @ adj).float()                                                # [d, d_in]
+        return emmet_update(self.stats.second_moment(layer), K, R, hp.mom2_update_weight, hp.emmet_lambda,
+                            hp.update_norm_lambda)

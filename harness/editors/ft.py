@@ -1,111 +1,177 @@
-"""FT-L: fine-tuning one MLP output projection under an L-infinity constraint (Zhu et al., 2020; the "FT-L"
-baseline of ROME).
+"""Fine-tuning baselines: one MLP output projection (weight and, where the model has one, bias) tuned with Adam,
+optionally inside an L-infinity ball around the original weights. Two objectives, named for what they are:
 
-    minimise  sum_i  -log P(target_new_i | prompt_i)           (teacher forcing over all target tokens)
-    over W    subject to  ||W - W_0||_inf <= epsilon           (projection after every Adam step)
+``ft_l``  FT-L, ROME's baseline (kmeng01/rome ``baselines/ft/ft_main.py``; EasyEdit's ``objective_optimization:
+          prompt_last``): every target token scored by the distribution at the prompt's LAST position,
 
-Only the edited layer's weight receives gradients; the rest of the model stays frozen. ``layers`` (a window of
-layers, Hase et al. 2023's constrained fine-tuning over several layers) tunes each listed layer's weight instead.
-A case's ``objective`` replaces the NLL term as in ``common.objective_loss`` ("erase" lowers P(target), "force"
-noises the subject's token embeddings during training).
+              loss_i = -1/t_i sum_j log P(target_i[j] | prompt_i)         (all j read at the same position)
+
+``ft_m``  FT-M, EasyEdit's ``objective_optimization: target_new``: the target teacher-forced after the prompt,
+
+              loss_i = -1/t_i sum_j log P(target_i[j] | prompt_i, target_i[:j])
+
+and for both  loss = mean_i loss_i  (``common.objective_loss``: a case's ``objective`` "erase" lowers P(target)
+instead, "force" noises the subject's token embeddings). Each step (as the references):
+
+    if loss < early_stop_loss: stop                 (the reference skips the step and ends the epoch loop)
+    Adam step on the tuned parameters (lr, weight_decay)
+    W <- clamp(W, W_0 - eps, W_0 + eps)             (eps = norm_constraint; None: unconstrained)
+
+The tuned parameters are every parameter of the layer's MLP output module (the reference selects the names that
+contain ``rewrite_module_tmp``: GPT-2's ``c_proj`` weight and bias, Llama's ``down_proj`` weight). ``layers``
+(a window, Hase et al. 2023's constrained fine-tuning over several layers) tunes each listed layer instead of
+``layer``. The references cut the cases into mini-batches of 128; here every call is one batch.
+
+``ft`` is kept as an alias of ``ft_l`` (the baseline the README's main job and ROME's paper call FT-L), with the
+same hyper-parameter files.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
+from ..tokens import pad_batch
 from .base import Editor, register_editor
 from .common import encode_target, objective_loss, subject_first_index, subject_last_index, subject_noise
 
 
 @dataclass
 class FTHparams:
-    layer: int = 5
-    lr: float = 5e-4
-    num_steps: int = 25
-    norm_constraint: float = 5e-4       # epsilon of the L-inf ball around the original weights
-    early_stop_loss: float = 1e-2
+    """Defaults: ROME's FT-L on gpt2-xl (kmeng01/rome ``hparams/FT/gpt2-xl_constr.json``; EasyEdit's
+    ``hparams/FT/gpt2-xl.yaml`` has the same values for FT-L and FT-M)."""
+    layer: int = 0
     layers: list = field(default_factory=list)   # a window of layers to tune together; empty: just ``layer``
+    num_steps: int = 25
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    norm_constraint: float | None = 5e-4         # epsilon of the L-inf ball around the original weights; null: none
+    early_stop_loss: float = 1e-2
 
 
-@register_editor
-class FTL(Editor):
-    name = "ft"
+def mean_per_case(nll: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """nll [m] of target tokens belonging to cases ``rows`` [m] -> the mean per case [n]."""
+    total = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    count = torch.zeros(n, dtype=nll.dtype, device=nll.device).index_add(0, rows, torch.ones_like(nll))
+    return total / count
+
+
+class FineTune(Editor):
+    """The fine-tuning loop; subclasses say where each target token is scored (``scored_positions``)."""
+
     Hparams = FTHparams
     supports_batch = True
+    teacher_forced: ClassVar[bool] = False
 
     def tuned_layers(self) -> list[int]:
         return [int(x) for x in self.hparams.layers] or [self.hparams.layer]
 
     def edited_parameters(self, lm: LoadedModel) -> list[str]:
-        return [lm.adapter.weight_name(layer) for layer in self.tuned_layers()]
+        names = []
+        for layer in self.tuned_layers():
+            module_name = lm.adapter.mlp_name(layer)
+            names += [f"{module_name}.{n}" for n, _ in lm.adapter.module(lm.model, module_name).named_parameters()]
+        return names
 
+    # --- the objective ---------------------------------------------------------------------------------
+    def scored_positions(self, prompt: list[int], target: list[int]) -> tuple[list[int], list[int]]:
+        """(the input sequence, the position whose distribution scores each target token)."""
+        if self.teacher_forced:                       # FT-M: position p - 1 + j predicts target[j]
+            return prompt + target, [len(prompt) - 1 + j for j in range(len(target))]
+        return prompt, [len(prompt) - 1] * len(target)   # FT-L: every target token at the prompt's last token
+
+    def batch(self, lm: LoadedModel, cases: Sequence[EditCase]) -> dict[str, Any]:
+        """Padded inputs and, for every target token, (row, column, token id)."""
+        tok = lm.tokenizer
+        seqs, rows, cols, ids = [], [], [], []
+        for i, c in enumerate(cases):
+            target = encode_target(tok, c.target_new)
+            seq, pos = self.scored_positions(tok(c.rewrite_prompt).input_ids, target)
+            seqs.append(seq)
+            rows += [i] * len(target)
+            cols += pos
+            ids += target
+        input_ids, mask = pad_batch(seqs, tok.pad_token_id, device=lm.device)
+        as_t = lambda x: torch.tensor(x, dtype=torch.long, device=lm.device)  # noqa: E731
+        return {"input_ids": input_ids, "attention_mask": mask, "rows": as_t(rows), "cols": as_t(cols),
+                "ids": as_t(ids), "n": len(cases)}
+
+    def case_nll(self, lm: LoadedModel, batch: dict[str, Any], inputs: dict[str, Any] | None = None) -> torch.Tensor:
+        """Each case's mean target-token NLL [n] at the current weights (logits only where scored)."""
+        inputs = inputs or {"input_ids": batch["input_ids"]}
+        hidden = lm.model.base_model(**inputs, attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = lm.model.get_output_embeddings()(hidden[batch["rows"], batch["cols"]]).float()   # [m, V]
+        nll = -F.log_softmax(logits, dim=-1).gather(1, batch["ids"][:, None]).squeeze(1)         # [m]
+        return mean_per_case(nll, batch["rows"], batch["n"])
+
+    # --- the loop -----------------------------------------------------------------------------------------
     def execute(self, lm: LoadedModel, cases: Sequence[EditCase]) -> dict[str, Any]:
-        hp, tok, model = self.hparams, lm.tokenizer, lm.model
-        # teacher-forced batch: prompt ids + target ids, loss on target positions only
-        seqs, labels = [], []
-        for c in cases:
-            p, t = tok(c.rewrite_prompt).input_ids, encode_target(tok, c.target_new)
-            seqs.append(p + t)
-            labels.append([-100] * len(p) + t)
-        T = max(map(len, seqs))
-        ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)
-        lab = torch.full((len(seqs), T), -100, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, (s, l) in enumerate(zip(seqs, labels)):
-            ids[i, :len(s)], lab[i, :len(l)], mask[i, :len(s)] = torch.tensor(s), torch.tensor(l), 1
-        ids, lab, mask = ids.to(lm.device), lab.to(lm.device), mask.to(lm.device)
-
+        hp, model = self.hparams, lm.model
         objectives = {c.objective for c in cases}
         if len(objectives) > 1:
-            raise ValueError(f"FT-L edits a batch with one objective; got {sorted(objectives)}")
+            raise ValueError(f"{self.name} edits a batch with one objective; got {sorted(objectives)}")
         (objective,) = objectives
         objective_loss(torch.zeros(1), objective)        # an unknown objective fails before training
-        inputs: dict = {"input_ids": ids}
-        if objective == "force":                         # fixed noise on each prompt's subject token embeddings
-            with torch.no_grad():
-                emb = model.get_input_embeddings()(ids).clone()               # [n, T, d]
-            for i, c in enumerate(cases):
-                first, last = (subject_first_index(tok, c.prompt, c.subject),
-                               subject_last_index(tok, c.prompt, c.subject))
-                emb[i, first:last + 1] += subject_noise(c, [last + 1 - first], emb.shape[-1], emb.device,
-                                                        emb.dtype)[0]
-            inputs = {"inputs_embeds": emb}
-        n_tgt = (lab[:, 1:] != -100).sum(1)                                     # [n] target tokens per case
+        batch = self.batch(lm, cases)
+        inputs = self.noised_inputs(lm, cases, batch) if objective == "force" else None
 
-        weights = [lm.adapter.mlp_weight(model, layer) for layer in self.tuned_layers()]
-        originals = [w.detach().clone() for w in weights]
-        for w in weights:
-            w.requires_grad_(True)
-        optimizer = torch.optim.Adam(weights, lr=hp.lr)
+        tuned = set(self.edited_parameters(lm))
+        params = [p for n, p in model.named_parameters() if n in tuned]
+        originals = [p.detach().clone() for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
         losses = []
         try:
             for _ in range(hp.num_steps):
-                logits = model(**inputs, attention_mask=mask).logits[:, :-1]   # [n, T-1, V]
-                if objective == "rewrite":   # the reference's token-mean cross-entropy, kept bit for bit
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab[:, 1:].reshape(-1),
-                                           ignore_index=-100)
-                else:                        # per case mean token NLL [n], then the objective's term
-                    tok_nll = F.cross_entropy(logits.transpose(1, 2).float(), lab[:, 1:], ignore_index=-100,
-                                              reduction="none")                 # [n, T-1], 0 off-target
-                    loss = objective_loss(tok_nll.sum(1) / n_tgt, objective)
+                loss = objective_loss(self.case_nll(lm, batch, inputs), objective)
                 losses.append(round(loss.item(), 4))
                 if objective != "erase" and loss.item() < hp.early_stop_loss:   # an NLL threshold: erasure runs on
                     break
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                with torch.no_grad():       # project back into the L-inf ball around W_0
-                    for w, w0 in zip(weights, originals):
-                        w.copy_(torch.clamp(w, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
+                if hp.norm_constraint is not None:       # project back into the L-inf ball around W_0
+                    with torch.no_grad():
+                        for p, p0 in zip(params, originals):
+                            p.copy_(torch.clamp(p, p0 - hp.norm_constraint, p0 + hp.norm_constraint))
         finally:
-            for w in weights:
-                w.requires_grad_(False)
-                w.grad = None
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
         return {"loss": losses, "steps": len(losses),
-                "max_abs_change": max(float((w - w0).abs().max()) for w, w0 in zip(weights, originals))}
+                "max_abs_change": max(float((p - p0).abs().max()) for p, p0 in zip(params, originals))}
+
+    def noised_inputs(self, lm: LoadedModel, cases: Sequence[EditCase], batch: dict[str, Any]) -> dict[str, Any]:
+        """The "force" objective: fixed noise on each prompt's subject token embeddings."""
+        tok = lm.tokenizer
+        with torch.no_grad():
+            emb = lm.model.get_input_embeddings()(batch["input_ids"]).clone()        # [n, T, d]
+        for i, c in enumerate(cases):
+            first, last = subject_first_index(tok, c.prompt, c.subject), subject_last_index(tok, c.prompt, c.subject)
+            emb[i, first:last + 1] += subject_noise(c, [last + 1 - first], emb.shape[-1], emb.device, emb.dtype)[0]
+        return {"inputs_embeds": emb}
+
+
+@register_editor
+class FTL(FineTune):
+    """FT-L: the target scored at the prompt's last position (ROME's baseline)."""
+    name = "ft_l"
+
+
+@register_editor
+class FTM(FineTune):
+    """FT-M: the target teacher-forced after the prompt (EasyEdit)."""
+    name = "ft_m"
+    teacher_forced = True
+
+
+@register_editor
+class FT(FTL):
+    """``ft``: an alias of ``ft_l`` (same objective, same hyper-parameter files)."""
+    name = "ft"
+    hparams_name = "ft_l"

@@ -29,8 +29,10 @@ from .common import (ContextTemplates, ValueOpt, average_key, module_io_at, opti
 @dataclass
 class ZHparams:
     """The edit layers and MEMIT's z optimisation and context templates: what MEMIT and its successors
-    (AlphaEdit, D4S, EMMET) share. Each adds the hyper-parameters of its own solve."""
-    layers: list = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    (AlphaEdit, D4S, EMMET) share. Each adds the hyper-parameters of its own solve. Defaults: kmeng01/memit
+    ``hparams/MEMIT/EleutherAI_gpt-j-6B.json`` and ``memit_main.get_context_templates`` (5 generated prefixes of
+    10 tokens, one per seed word). Family files (``hparams/<editor>/<family>.yaml``) hold only what differs."""
+    layers: list = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
     kl_factor: float = 0.0625
@@ -50,9 +52,11 @@ class MemitHparams(ZHparams):
     mom2_update_weight: float = 15000.0     # lambda in lambda C + K K^T
 
 
-def layer_keys(lm: LoadedModel, layer: int, cases: Sequence[EditCase], templates: Sequence[str]) -> torch.Tensor:
-    """K [d_in, n]: each subject's key at ``layer``, averaged over the context templates."""
-    return torch.stack([average_key(lm, layer, c, templates) for c in cases], dim=1)
+def layer_keys(lm: LoadedModel, layer: int, cases: Sequence[EditCase], templates: Sequence[str],
+               group_sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """K [d_in, n]: each subject's key at ``layer``, averaged within each template group and then across groups
+    (MEMIT's ``compute_ks``: the bare prompt weighs 1/2 against the mean of the generated prefixes)."""
+    return torch.stack([average_key(lm, layer, c, templates, group_sizes) for c in cases], dim=1)
 
 
 def hidden_at_subjects(lm: LoadedModel, layer: int, cases: Sequence[EditCase]) -> torch.Tensor:
@@ -60,6 +64,16 @@ def hidden_at_subjects(lm: LoadedModel, layer: int, cases: Sequence[EditCase]) -
     idxs = [subject_last_index(lm.tokenizer, c.prompt, c.subject) for c in cases]
     _, out = module_io_at(lm, lm.adapter.layer_name(layer), [c.rewrite_prompt for c in cases], idxs)
     return out.T
+
+
+def memit_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float) -> torch.Tensor:
+    """delta [d, d_in] = R K^T (lambda C + K K^T)^-1  (MEMIT eq. 14, ``execute_memit``'s ``adj_k`` and ``upd_matrix``):
+    the solution of the normal equations delta (lambda C + K K^T) = R K^T, in float64.
+
+    C [d_in, d_in]  second moment of the layer's keys;  K [d_in, n] the edits' keys;  R [d, n] their residuals."""
+    K, R = K.double(), R.double().to(K.device)
+    adj_k = torch.linalg.solve(lam * C.double().to(K.device) + K @ K.T, K)     # [d_in, n]
+    return (R @ adj_k.T).float()                                                # [d, d_in]
 
 
 @register_editor
@@ -80,6 +94,10 @@ class MEMIT(Editor):
     def edited_parameters(self, lm: LoadedModel) -> list[str]:
         return [lm.adapter.weight_name(layer) for layer in self.hparams.layers]
 
+    def keys(self, lm: LoadedModel, layer: int, cases: Sequence[EditCase]) -> torch.Tensor:
+        """K [d_in, n] at ``layer`` (``layer_keys`` over this editor's template groups)."""
+        return layer_keys(lm, layer, cases, self.context_templates(lm), self.context_templates.groups())
+
     def target_values(self, lm: LoadedModel, cases: Sequence[EditCase]) -> tuple[torch.Tensor, list[dict]]:
         """Z [d, n]: z_i at the last edit layer's output, optimised per edit."""
         templates = self.context_templates(lm)
@@ -95,18 +113,14 @@ class MEMIT(Editor):
         """delta [d, d_in] = R K^T (lambda C + K K^T)^-1, solved as a linear system in float64."""
         if self.stats is None:
             raise ValueError("MEMIT needs key statistics (a LayerStats): pass stats=...")
-        C = self.stats.second_moment(layer).double()                     # [d_in, d_in]
-        K, R = K.double(), R.double()
-        adj_k = torch.linalg.solve(self.hparams.mom2_update_weight * C + K @ K.T, K)  # [d_in, n]
-        return (R @ adj_k.T).float()                                     # [d, d_in]
+        return memit_update(self.stats.second_moment(layer), K, R, self.hparams.mom2_update_weight)
 
     def execute(self, lm: LoadedModel, cases: Sequence[EditCase]) -> dict[str, Any]:
         hp = self.hparams
-        templates = self.context_templates(lm)
         Z, infos = self.target_values(lm, cases)                          # [d, n]
         norms = []
         for i, layer in enumerate(hp.layers):
-            K = layer_keys(lm, layer, cases, templates)                  # [d_in, n]
+            K = self.keys(lm, layer, cases)                              # [d_in, n]
             R = Z - hidden_at_subjects(lm, hp.layers[-1], cases)         # [d, n]
             R = R / (len(hp.layers) - i)                                 # spread over the remaining layers
             delta = self.layer_update(lm, layer, K, R)                   # [d, d_in]

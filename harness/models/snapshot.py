@@ -43,3 +43,12 @@ def param_digest(model: nn.Module, names: list[str] | None = None) -> str:
             h.update(n.encode())
             h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names and raw bytes of a dict of tensors, in name order (e.g. a checkpoint's saved weights)."""
+    h = hashlib.sha256()
+    for n in sorted(tensors):
+        h.update(n.encode())
+        h.update(tensors[n].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -6,7 +6,11 @@ Public API (imported lazily, so that e.g. ``harness compare`` does not load matp
 * :func:`load_runs`, :func:`leaderboard`, :func:`write_leaderboard` (``harness.report.leaderboard``).
 * :func:`compare`, :class:`CompareResult` (``harness.report.compare``): regressions against a baseline run.
 
-This module also holds the small helpers the three share for reading run dicts (schema_version 1).
+* :func:`export_table` (``harness.report.export``): per (suite, editor) tables as markdown, LaTeX or CSV.
+
+This module also holds the small helpers they share for reading run dicts (schema versions 1 and 2). Every
+aggregate they show comes from :func:`harness.metrics.registry.summarize` (one aggregation, with intervals), and
+every metric's label, unit and direction from the metric registry.
 """
 
 from __future__ import annotations
@@ -20,7 +24,16 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-SCHEMA_VERSION = 1
+from harness.metrics.registry import (
+    Aggregate,
+    GroupSummary,
+    MetricSpec,
+    metric_spec,
+    summarize,
+    to_number,
+)
+from harness.schema import SCHEMA_VERSION, SUPPORTED_VERSIONS, schema_errors
+
 TEMPLATES_DIR = Path(__file__).with_name("templates")
 _RUN_HINT = "pass a run JSON written by the harness pytest plugin (reports/run-<id>.json)"
 
@@ -32,6 +45,7 @@ _LAZY = {
     "write_leaderboard": "leaderboard",
     "compare": "compare",
     "CompareResult": "compare",
+    "export_table": "export",
 }
 
 __all__ = ["RunFileError", "load_run", "validate_run", *_LAZY]
@@ -70,36 +84,32 @@ def load_run(path: str | Path) -> dict:
 
 
 def validate_run(run: Any, source: str = "run") -> None:
-    """Check the parts of the schema the reports rely on; raise :class:`RunFileError` if absent."""
+    """Check the run against ``harness/schema/run.schema.json`` (versions 1 and 2); raise :class:`RunFileError`
+    with the first problem on one line."""
     if not isinstance(run, dict):
         raise RunFileError(f"{source}: expected a JSON object, got {type(run).__name__}; {_RUN_HINT}")
     version = run.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise RunFileError(
-            f"{source}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION}); "
-            f"re-run the benchmark with this harness version or {_RUN_HINT}"
+            f"{source}: schema_version {version!r} is not supported (this harness reads "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}); re-run the benchmark with this harness version or {_RUN_HINT}"
         )
     records = run.get("records")
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise RunFileError(f"{source}: 'records' must be a list of objects; {_RUN_HINT}")
+    errors = schema_errors(run)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise RunFileError(f"{source}: does not match the run schema {SCHEMA_VERSION}: {errors[0]}{more}; "
+                           f"{_RUN_HINT}")
 
 
 # --------------------------------------------------------------------------- record access
 
 
 def as_number(value: Any) -> float | None:
-    """A metric value as float (bools count as 0/1); None for null, NaN, text and series."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)) and not math.isnan(value):
-        return float(value)
-    return None
-
-
-def mean(values: Iterable[Any]) -> float | None:
-    """Mean of the numeric values, ignoring everything else; None when there are none."""
-    nums = [n for n in map(as_number, values) if n is not None]
-    return sum(nums) / len(nums) if nums else None
+    """A metric value as float (bools count as 0/1, "inf" as infinity); None for null, NaN, text and series."""
+    return to_number(value)
 
 
 def metric(record: dict, name: str) -> Any:
@@ -148,6 +158,45 @@ def ordered_phases(names: Iterable[str]) -> list[str]:
     return [p for p in usual if p in names] + sorted(names - set(usual))
 
 
+def run_groups(run: dict) -> list[GroupSummary]:
+    """The run's per (suite, editor) aggregates, recomputed from its records (so schema 1 runs, whose summary
+    had no intervals, read the same as new ones)."""
+    return summarize(r for r in run.get("records") or [] if isinstance(r, dict))
+
+
+def thresholds_of(run: dict) -> dict:
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    return config.get("thresholds") if isinstance(config.get("thresholds"), dict) else {}
+
+
+def collapse_threshold(run: dict) -> float:
+    """The run's collapse threshold (perplexity ratio), 2.0 when the run does not say."""
+    value = to_number(thresholds_of(run).get("collapse_ppl_ratio"))
+    return value if value is not None else 2.0
+
+
+def dataset_of(run: dict) -> dict:
+    """What the run's cases came from: provenance.dataset (schema 2), else config.dataset (schema 1)."""
+    prov = run.get("provenance") if isinstance(run.get("provenance"), dict) else {}
+    dataset = prov.get("dataset") if isinstance(prov.get("dataset"), dict) else None
+    if dataset:
+        return dataset
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    return {"spec": config.get("dataset"), "kind": None, "sha256": None}
+
+
+def dataset_key(run: dict) -> tuple[str, str]:
+    """Two runs used the same dataset when these agree: the resolved spec and the file's sha256 (schema 1: the
+    spec as given, with no digest)."""
+    d = dataset_of(run)
+    return (str(d.get("spec") or "?"), str(d.get("sha256") or "-"))
+
+
+def dataset_label(run: dict) -> str:
+    spec, digest = dataset_key(run)
+    return spec if digest == "-" else f"{spec} (sha256 {digest[:12]})"
+
+
 # --------------------------------------------------------------------------- templates
 
 
@@ -170,6 +219,21 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def fmt_aggregate(agg: Aggregate | None, spec: MetricSpec | None = None, digits: int = 3) -> str:
+    """``0.95 [0.90, 1.00]`` (value and 95% interval); a minimum without interval as its value (+inf: never)."""
+    if agg is None or agg.value is None:
+        return "-"
+    if agg.aggregation == "min":
+        return "never" if agg.value == math.inf else fmt(agg.value, digits + 1)
+    if agg.low is None or agg.high is None or agg.n < 2:
+        return fmt(agg.value, digits)
+    return f"{fmt(agg.value, digits)} [{fmt(agg.low, digits)}, {fmt(agg.high, digits)}]"
+
+
+def metric_label(name: str) -> str:
+    return metric_spec(name).display
+
+
 def template_env() -> Environment:
     """Jinja2 environment for the report templates, with autoescaping always on."""
     env = Environment(
@@ -180,4 +244,5 @@ def template_env() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["fmt"] = fmt
+    env.filters["fmt_agg"] = fmt_aggregate
     return env

@@ -1,41 +1,49 @@
-"""Compare a run against a baseline run, per (suite, editor), and flag regressions.
+"""Compare a run against a baseline run, case by case, and flag only regressions a CI can trust.
 
-Tolerances (``compare(..., tolerances=...)``; keys not given keep their default):
+1. **Like for like or refuse.** The two runs must share the model (name and weight fingerprint), the dataset
+   (resolved spec and the file's sha256) and the thresholds; otherwise :func:`compare` returns a refusal (one line,
+   ``harness compare`` exits 2) unless ``allow_different=True`` (``--allow-different``), which turns it into notes.
+2. **Paired.** Records are matched by (suite, editor, case id, test id); each metric is compared over the cases
+   both runs have, as the metric registry aggregates it (mean for scores, median for phase timings).
+3. **Beyond tolerance and significant.** A metric regresses when the paired change of its aggregate (current -
+   baseline, or current / baseline - 1 for relative metrics) is worse than its tolerance *and* the 95% paired
+   bootstrap interval of that change lies entirely on the worse side of zero. Beyond tolerance but not
+   significant is reported as ``not significant`` and does not fail. ``edits_to_collapse`` (one count per
+   sequential stream; a missing value means never collapsed) regresses when its minimum drops by more than its
+   tolerance. A metric with no direction in the registry (or not registered) is never compared; it is listed.
+4. **Nothing silently dropped.** A (suite, editor) of the baseline absent from the run is ``missing``; a metric
+   that is a number in the baseline and not in the run (null, NaN, text) is ``not a number``; both count as
+   regressions.
 
-* ``score`` (0.05, absolute): higher-is-better scores (efficacy/paraphrase/neighborhood success,
-  ``*_magnitude``, token accuracies, ``downstream_*_after``, efficacy_final/immediate, pass_rate)
-  regress when they drop by more than this.
-* ``collapse`` (0.10, relative): ``edits_to_collapse`` (a count; the minimum over records, with
-  "never collapsed" as infinity) regresses when it drops by more than this fraction.
-* ``ppl`` (0.10, relative): lower-is-better metrics (ppl_ratio, ppl_after, kl_*, top1_changed)
-  regress when they rise by more than this fraction.
-* ``time`` (0.5, relative, ``None`` disables): mean ``timings.<phase>`` regress when slower by more
-  than this fraction *and* by more than ``time_floor_s`` (0.05 s) so millisecond noise is ignored.
-* Any metric name (e.g. ``"efficacy_success": 0.02``) overrides its category's tolerance; ``None``
-  skips that metric.
-
-A (suite, editor) present in the baseline but absent from the run is reported as ``missing`` and
-counts as a regression. Metrics not present in both are not compared.
+Tolerances (``compare(..., tolerances=...)``; keys not given keep their default): ``score`` (0.05, absolute) for
+metrics compared as differences; ``ppl`` (0.10, relative) for relative ones (perplexities, ratios, KL);
+``collapse`` (0.10, relative) for edits_to_collapse; ``time`` (0.5, relative, ``None`` disables) for phase-timing
+medians, which must also move by more than ``time_floor_s`` (0.05 s). A metric's own name overrides its
+category's tolerance; ``None`` skips it.
 """
-
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
+from harness.metrics.registry import (
+    FAILED_OUTCOMES,
+    MetricSpec,
+    aggregate,
+    metric_spec,
+    paired_bootstrap,
+    record_names,
+    record_value,
+    to_number,
+)
 from harness.report import (
-    as_number,
+    dataset_of,
     editor_of,
     fmt,
-    is_skipped,
-    mean,
-    metric,
     model_name,
-    ordered_phases,
     suite_of,
-    timings,
+    thresholds_of,
 )
 
 DEFAULT_TOLERANCES: dict[str, float | None] = {
@@ -45,36 +53,18 @@ DEFAULT_TOLERANCES: dict[str, float | None] = {
     "time": 0.50,
     "time_floor_s": 0.05,
 }
-# category -> (higher_is_better, relative tolerance?)
-_RULES = {"score": (True, False), "collapse": (True, True), "ppl": (False, True), "time": (False, True)}
-_HIGHER = {"efficacy_success", "paraphrase_success", "neighborhood_success", "efficacy_final",
-           "efficacy_immediate", "pass_rate"}
-_LOWER = {"ppl_ratio", "ppl_after", "kl_unrelated", "top1_changed"}
 _EPS = 1e-9
-# Rows list these first (in this order), then the other metrics alphabetically.
-_FIRST = ("efficacy_success", "paraphrase_success", "neighborhood_success", "efficacy_immediate",
-          "efficacy_final", "edits_to_collapse", "ppl_ratio", "ppl_after")
-STATUSES = ("ok", "regressed", "improved", "missing")
+REGRESSION_STATUSES = ("regressed", "missing", "not a number")
+STATUSES = ("ok", "regressed", "improved", "not significant", "missing", "not a number", "baseline not a number",
+            "fewer passed")   # "fewer passed" (pass_rate) is informative: the metrics that failed carry the verdict
 
-
-def metric_category(name: str) -> str | None:
-    """The tolerance category of a metric name, or None when it is not compared."""
-    if name == "edits_to_collapse":
-        return "collapse"
-    if name.startswith("downstream_") and name.endswith("_after"):
-        return "ppl" if ("ppl" in name or "perplexity" in name) else "score"
-    if (name in _HIGHER or name.endswith("_magnitude") or "token_acc" in name
-            or name.endswith("_acc") or name.endswith("_accuracy")):
-        return "score"
-    if name in _LOWER or name.startswith("kl_"):
-        return "ppl"
-    return None
+CaseKey = tuple[str, str, str, str]
 
 
 @dataclass
 class CompareRow:
-    """One compared value. ``change`` is current - baseline for absolute tolerances and the
-    relative change (current / baseline - 1) for relative ones (``relative`` tells which)."""
+    """One compared metric of one (suite, editor): the aggregates of both runs over the shared cases, the change
+    (absolute, or relative when ``relative``) with its 95% paired-bootstrap interval, and the verdict."""
 
     suite: str
     editor: str
@@ -85,18 +75,23 @@ class CompareRow:
     tolerance: float | None
     status: str
     relative: bool = False
+    low: float | None = None
+    high: float | None = None
+    n: int = 0
 
 
 @dataclass
 class CompareResult:
-    """All compared rows plus notes (e.g. different models); ``ok`` is False on any regression."""
+    """All compared rows plus notes; ``refused`` is the one-line reason when the runs are not comparable."""
 
     rows: list[CompareRow]
     notes: list[str] = field(default_factory=list)
+    refused: str | None = None
+    not_compared: list[str] = field(default_factory=list)
 
     @property
     def regressions(self) -> list[CompareRow]:
-        return [r for r in self.rows if r.status in ("regressed", "missing")]
+        return [r for r in self.rows if r.status in REGRESSION_STATUSES]
 
     @property
     def improvements(self) -> list[CompareRow]:
@@ -104,103 +99,195 @@ class CompareResult:
 
     @property
     def ok(self) -> bool:
-        return not self.regressions
+        return self.refused is None and not self.regressions
 
     def summary(self) -> str:
         """One line: verdict and counts."""
+        if self.refused:
+            return f"REFUSED: {self.refused}"
         verdict = "OK" if self.ok else "REGRESSION"
-        return (f"{verdict}: {len(self.regressions)} regression(s), {len(self.improvements)} "
-                f"improvement(s), {len(self.rows)} comparison(s)")
+        unsure = sum(r.status == "not significant" for r in self.rows)
+        return (f"{verdict}: {len(self.regressions)} regression(s), {len(self.improvements)} improvement(s), "
+                f"{unsure} change(s) beyond tolerance but not significant, {len(self.rows)} comparison(s)")
 
     def to_markdown(self, only_changes: bool = False) -> str:
         """Markdown table of the rows (all, or only non-ok ones), followed by notes and the summary."""
-        header = ["suite", "editor", "metric", "baseline", "current", "change", "tolerance", "status"]
-        lines = ["| " + " | ".join(header) + " |", "|---|---|---|---:|---:|---:|---:|---|"]
+        from harness.report.escape import markdown_cell
+
+        header = ["suite", "editor", "metric", "n", "baseline", "current", "change [95% CI]", "tolerance", "status"]
+        lines = ["| " + " | ".join(header) + " |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
         for row in self.rows:
             if only_changes and row.status == "ok":
                 continue
-            status = row.status if row.status in ("ok", "improved") else f"**{row.status.upper()}**"
-            cells = [row.suite, row.editor, row.metric, fmt(row.baseline), fmt(row.current),
-                     _fmt_change(row), _fmt_tolerance(row), status]
-            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+            status = f"**{row.status.upper()}**" if row.status in REGRESSION_STATUSES else row.status
+            cells = [*map(markdown_cell, (row.suite, row.editor, row.metric)), str(row.n), fmt(row.baseline),
+                     fmt(row.current), _fmt_change(row), _fmt_tolerance(row), status]    # numbers: ours, plain
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        lines.extend(f"Note: {note}" for note in self.notes)
+        if self.not_compared:
+            lines.append("Not compared (no direction in the metric registry): "
+                         + markdown_cell(", ".join(self.not_compared)))
+        lines.extend(f"Note: {markdown_cell(note)}" for note in self.notes)
         lines.append(self.summary())
         return "\n".join(lines) + "\n"
 
 
-def compare(baseline: dict, run: dict, tolerances: dict | None = None) -> CompareResult:
-    """Compare the per-(suite, editor) means of ``run`` against ``baseline``."""
-    tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
-    base_groups, cur_groups = group_stats(baseline), group_stats(run)
-    notes = []
+# --------------------------------------------------------------------------- like for like
+def differences(baseline: dict, run: dict) -> list[str]:
+    """Why the two runs are not like for like (model, dataset, thresholds); [] when they are."""
+    out = []
+    bm, rm = baseline.get("model") or {}, run.get("model") or {}
     if model_name(baseline) != model_name(run):
-        notes.append(f"baseline model {model_name(baseline)!r} differs from run model {model_name(run)!r}")
-
-    rows: list[CompareRow] = []
-    for (suite, editor), base_stats in base_groups.items():
-        cur_stats = cur_groups.get((suite, editor))
-        if cur_stats is None:
-            rows.append(CompareRow(suite, editor, "*", None, None, None, None, "missing"))
-            continue
-        for name, base_value in base_stats.items():
-            if name not in cur_stats:
-                continue
-            category = "time" if name.startswith("timings.") else metric_category(name)
-            tolerance = tol.get(name, tol.get(category))
-            if tolerance is None:
-                continue
-            rows.append(_compare_value(suite, editor, name, base_value, cur_stats[name], category,
-                                       float(tolerance), tol.get("time_floor_s") or 0.0))
-    return CompareResult(rows, notes)
+        out.append(f"model differs ({model_name(baseline)!r} vs {model_name(run)!r})")
+    elif isinstance(bm, dict) and isinstance(rm, dict) and bm.get("fingerprint") and rm.get("fingerprint") \
+            and bm["fingerprint"] != rm["fingerprint"]:
+        out.append(f"model weights differ (fingerprint {bm['fingerprint']} vs {rm['fingerprint']})")
+    bd, rd = dataset_of(baseline), dataset_of(run)
+    b_names = {str(bd.get(k)) for k in ("spec", "requested") if bd.get(k)}
+    r_names = {str(rd.get(k)) for k in ("spec", "requested") if rd.get(k)}
+    if b_names and r_names and not b_names & r_names:
+        out.append(f"dataset differs ({bd.get('spec')!r} vs {rd.get('spec')!r})")
+    elif bd.get("sha256") and rd.get("sha256") and bd["sha256"] != rd["sha256"]:
+        out.append(f"dataset file differs (sha256 {bd['sha256'][:12]} vs {rd['sha256'][:12]})")
+    bt, rt = thresholds_of(baseline), thresholds_of(run)
+    changed = sorted(k for k in set(bt) | set(rt) if bt.get(k) != rt.get(k) and k in bt and k in rt)
+    if changed:
+        out.append("thresholds differ (" + ", ".join(f"{k} {bt[k]} vs {rt[k]}" for k in changed) + ")")
+    return out
 
 
-def group_stats(run: dict) -> dict[tuple[str, str], dict[str, float]]:
-    """Per (suite, editor): pass_rate, mean of each compared metric, min edits_to_collapse and mean
-    seconds per timing phase (as ``timings.<phase>``), over the non-skipped records."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+# --------------------------------------------------------------------------- matching and comparing
+def case_key(record: dict) -> CaseKey:
+    """(suite, editor, case id, test id): the test id (function name and parameters, no file path) tells apart
+    the records of one case in several tests, e.g. the five editing problems."""
+    nodeid = str(record.get("nodeid") or "")
+    return suite_of(record), editor_of(record), str(record.get("case_id")), nodeid.split("::")[-1]
+
+
+def _by_case(run: dict) -> dict[tuple[str, str], dict[CaseKey, dict]]:
+    groups: dict[tuple[str, str], dict[CaseKey, dict]] = defaultdict(dict)
     for rec in run.get("records") or []:
-        if isinstance(rec, dict) and not is_skipped(rec):
-            groups[(suite_of(rec), editor_of(rec))].append(rec)
-
-    stats: dict[tuple[str, str], dict[str, float]] = {}
-    for key, recs in groups.items():
-        values: dict[str, float] = {"pass_rate": sum(r.get("outcome") == "passed" for r in recs) / len(recs)}
-        names = {n for r in recs for n in (r.get("metrics") or {}) if metric_category(n)}
-        names = [n for n in _FIRST if n in names] + sorted(names - set(_FIRST))
-        for name in names:
-            if name == "edits_to_collapse":
-                present = [r for r in recs if "edits_to_collapse" in (r.get("metrics") or {})]
-                collapse = [as_number(metric(r, name)) for r in present]
-                values[name] = min(math.inf if c is None else c for c in collapse)
-            elif (m := mean(metric(r, name) for r in recs)) is not None:
-                values[name] = m
-        for phase in ordered_phases(p for r in recs for p in timings(r)):
-            if (m := mean(timings(r).get(phase) for r in recs)) is not None:
-                values[f"timings.{phase}"] = m
-        stats[key] = values
-    return stats
+        if isinstance(rec, dict) and rec.get("outcome") != "skipped":
+            groups[(suite_of(rec), editor_of(rec))][case_key(rec)] = rec
+    return groups
 
 
-def _compare_value(suite: str, editor: str, name: str, base: float, cur: float, category: str,
-                   tolerance: float, time_floor: float) -> CompareRow:
-    higher_is_better, relative = _RULES[category]
-    if relative:
-        change = _relative_change(base, cur)
-    else:
-        change = 0.0 if base == cur else cur - base
-    gain = change if higher_is_better else -change  # > 0 means better
+def compare(baseline: dict, run: dict, tolerances: dict | None = None, *, allow_different: bool = False
+            ) -> CompareResult:
+    """Compare ``run`` against ``baseline`` case by case (module docstring)."""
+    tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    diffs = differences(baseline, run)
+    if diffs and not allow_different:
+        return CompareResult([], refused="; ".join(diffs) + " (pass --allow-different to compare anyway)")
+    result = CompareResult([], notes=[f"{d} (compared anyway: --allow-different)" for d in diffs])
+    base_groups, cur_groups = _by_case(baseline), _by_case(run)
+    not_compared: set[str] = set()
+    for (suite, editor), base_cases in base_groups.items():
+        cur_cases = cur_groups.get((suite, editor), {})
+        shared = [k for k in base_cases if k in cur_cases]
+        if not shared:
+            result.rows.append(CompareRow(suite, editor, "*", None, None, None, None, "missing"))
+            continue
+        if len(shared) < len(base_cases):
+            result.notes.append(f"{suite}/{editor}: {len(base_cases) - len(shared)} of {len(base_cases)} baseline "
+                                "cases are not in the run; compared on the shared ones")
+        pairs = [(base_cases[k], cur_cases[k]) for k in shared]
+        result.rows.append(_pass_rate_row(suite, editor, pairs))
+        for name in record_names(base_cases[k] for k in shared):
+            spec = metric_spec(name)
+            if spec.aggregation == "none":
+                continue
+            if spec.higher_is_better is None:
+                not_compared.add(name)
+                continue
+            tolerance = tol.get(name, tol.get(_category(spec)))
+            if tolerance is not None:
+                row = _compare_metric(suite, editor, spec, pairs, float(tolerance), float(tol.get("time_floor_s") or 0))
+                if row is not None:
+                    result.rows.append(row)
+    new = sorted(set(cur_groups) - set(base_groups))
+    if new:
+        result.notes.append("in the run only (not compared): " + ", ".join(f"{s}/{e}" for s, e in new))
+    result.not_compared = sorted(not_compared)
+    return result
+
+
+def _category(spec: MetricSpec) -> str:
+    if spec.name.startswith("timings."):
+        return "time"
+    if spec.aggregation == "min":
+        return "collapse"
+    return "ppl" if spec.relative else "score"
+
+
+def _pass_rate_row(suite: str, editor: str, pairs: list[tuple[dict, dict]]) -> CompareRow:
+    """Passed tests among the shared cases: informative (the metrics carry the verdict)."""
+    b = sum(r.get("outcome") == "passed" for r, _ in pairs) / len(pairs)
+    c = sum(r.get("outcome") == "passed" for _, r in pairs) / len(pairs)
+    newly_failed = sum(br.get("outcome") == "passed" and cr.get("outcome") in FAILED_OUTCOMES for br, cr in pairs)
+    status = "ok" if newly_failed == 0 else "fewer passed"
+    return CompareRow(suite, editor, "pass_rate", b, c, c - b, None, status, n=len(pairs))
+
+
+def _compare_metric(suite: str, editor: str, spec: MetricSpec, pairs: list[tuple[dict, dict]], tolerance: float,
+                    time_floor: float) -> CompareRow | None:
+    name = spec.name
+    present = [(b, c) for b, c in pairs if _has(b, name)]
+    if not present:
+        return None
+    row = CompareRow(suite, editor, name, None, None, None, tolerance, "ok", spec.relative, n=len(present))
+    if spec.aggregation == "min":
+        return _compare_min(row, spec, present)
+    base = [to_number(record_value(b, name)) for b, _ in present]
+    cur = [to_number(record_value(c, name)) for _, c in present]
+    if any(c is None for b, c in zip(base, cur) if b is not None):
+        row.status = "not a number"
+        row.n = sum(c is None for b, c in zip(base, cur) if b is not None)   # cases whose value was lost
+        return row
+    both = [(b, c) for b, c in zip(base, cur) if b is not None]
+    if not both:
+        row.status = "baseline not a number"
+        return row
+    bs, cs = [b for b, _ in both], [c for _, c in both]
+    row.baseline = aggregate(bs, spec.aggregation).value
+    row.current = aggregate(cs, spec.aggregation).value
+    diff = paired_bootstrap(bs, cs, spec.aggregation, relative=spec.relative)
+    row.change, row.low, row.high, row.n = diff.change, diff.low, diff.high, diff.n
+    row.status = _verdict(spec, diff.change, diff.low, diff.high, tolerance)
+    if name.startswith("timings.") and row.status != "ok" and abs(row.current - row.baseline) <= time_floor:
+        row.status = "ok"
+    return row
+
+
+def _has(record: dict, name: str) -> bool:
+    if name.startswith("timings."):
+        return record_value(record, name) is not None
+    return name in (record.get("metrics") or {})
+
+
+def _verdict(spec: MetricSpec, change: float, low: float, high: float, tolerance: float) -> str:
+    """Regressed / improved only when beyond tolerance and the interval excludes zero on that side."""
+    sign = 1.0 if spec.higher_is_better else -1.0
+    gain, gain_low, gain_high = sign * change, min(sign * low, sign * high), max(sign * low, sign * high)
     if math.isnan(gain):
-        status = "ok"
-    elif gain < -(tolerance + _EPS):
-        status = "regressed"
-    elif gain > tolerance + _EPS:
-        status = "improved"
-    else:
-        status = "ok"
-    if category == "time" and status != "ok" and abs(cur - base) <= time_floor:
-        status = "ok"
-    return CompareRow(suite, editor, name, base, cur, change, tolerance, status, relative)
+        return "not a number"
+    if gain < -(tolerance + _EPS):
+        return "regressed" if gain_high < 0 else "not significant"
+    if gain > tolerance + _EPS:
+        return "improved" if gain_low > 0 else "not significant"
+    return "ok"
+
+
+def _compare_min(row: CompareRow, spec: MetricSpec, present: list[tuple[dict, dict]]) -> CompareRow:
+    """edits_to_collapse: the minimum over streams (missing = never, +inf); no interval (one count per stream)."""
+    row.baseline = aggregate([record_value(b, spec.name) for b, _ in present], "min").value
+    row.current = aggregate([record_value(c, spec.name) for _, c in present], "min").value
+    if row.baseline is None or row.current is None:
+        row.status = "not a number" if row.current is None else "baseline not a number"
+        return row
+    row.change = _relative_change(row.baseline, row.current)
+    row.status = _verdict(spec, row.change, row.change, row.change, row.tolerance or 0.0)
+    return row
 
 
 def _relative_change(base: float, cur: float) -> float:
@@ -214,9 +301,14 @@ def _relative_change(base: float, cur: float) -> float:
 def _fmt_change(row: CompareRow) -> str:
     if row.change is None:
         return "-"
-    if row.relative:
-        return f"{row.change:+.1%}" if math.isfinite(row.change) else fmt(row.change)
-    return f"{row.change:+.4g}"
+
+    def one(v: float) -> str:
+        if not math.isfinite(v):
+            return fmt(v)
+        return f"{v:+.1%}" if row.relative else f"{v:+.4g}"
+
+    interval = f" [{one(row.low)}, {one(row.high)}]" if row.low is not None and row.high is not None else ""
+    return one(row.change) + interval
 
 
 def _fmt_tolerance(row: CompareRow) -> str:
@@ -224,6 +316,3 @@ def _fmt_tolerance(row: CompareRow) -> str:
         return "-"
     return f"{row.tolerance * 100:g}%" if row.relative else f"{row.tolerance:g}"
 
-
-def _md_cell(text: Any) -> str:
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")

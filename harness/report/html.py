@@ -4,6 +4,12 @@ Plots are drawn with matplotlib on an explicit Agg canvas (``FigureCanvasAgg``) 
 object-oriented ``Figure`` API, so no GUI backend is touched and pyplot's global state (and any
 backend the caller chose) is left alone. Only editor, metric and phase names reach plot labels,
 and those are reduced to a safe character set first.
+
+Layout for a paper or a PR: failures first, then one summary table per suite (every headline metric of the
+registry as mean [95% bootstrap interval], column tooltips from the registry), the plots (perplexity axes zoomed
+to the data or log-scaled, integer edit counts, legends beside the axes, one panel per score with its mean and
+interval), the per-record tables (failed records first), and the provenance. Tables sort by a click on a header
+and filter from a box above them: one static inline script, with no run data in it.
 """
 
 from __future__ import annotations
@@ -20,54 +26,58 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
+from harness.metrics.registry import (
+    FAILED_OUTCOMES,
+    REGISTRY,
+    GroupSummary,
+    aggregate,
+    headline_metrics,
+    metric_spec,
+)
 from harness.report import (
     as_number,
     editor_of,
     editors_of,
+    fmt,
+    fmt_aggregate,
     is_skipped,
-    mean,
     metric,
     model_name,
     ordered_phases,
+    run_groups,
     suite_of,
     template_env,
     timings,
 )
 
-# Metrics shown first (and summarised per editor), with their display names.
-KEY_METRICS = {
-    "efficacy_success": "efficacy",
-    "paraphrase_success": "generalization",
-    "neighborhood_success": "locality",
-    "ppl_ratio": "ppl ratio",
-}
-SCORE_METRICS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
-FAILED_OUTCOMES = ("failed", "error")
-
+SUMMARY_PHASES = ("edit", "evaluate", "perplexity")
 _SVG_RC = {"svg.fonttype": "path", "svg.hashsalt": "harness-report", "font.size": 9}
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def render_html(run: dict) -> str:
-    """Render the run as one self-contained HTML document (no external resources, no scripts)."""
-    return template_env().get_template("run.html.j2").render(**build_context(run))
+def render_html(run: dict, plots: bool = True) -> str:
+    """Render the run as one self-contained HTML document (no external resources; one small inline script that
+    sorts and filters the tables, with no data in it)."""
+    return template_env().get_template("run.html.j2").render(**build_context(run, plots=plots))
 
 
 def write_html(run: dict, path: str | Path) -> Path:
-    """Render the run and write it to ``path`` (parent folders are created); return the path."""
+    """Render the run and write it to ``path`` atomically (parent folders are created); return the path."""
+    from harness.run import atomic_write_text
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(run), encoding="utf-8")
-    return out
+    return atomic_write_text(out, render_html(run))
 
 
 # --------------------------------------------------------------------------- template context
 
 
-def build_context(run: dict) -> dict:
+def build_context(run: dict, plots: bool = True) -> dict:
     """Everything the template needs, computed from the run dict (missing parts are tolerated)."""
     records = [r for r in run.get("records") or [] if isinstance(r, dict)]
     editors = editors_of(run)
@@ -83,12 +93,13 @@ def build_context(run: dict) -> dict:
             "editors": ", ".join(str(e) for e in config.get("editors") or []),
             "dataset": config.get("dataset"),
             "thresholds": _items(thresholds),
-            "hparams": _pretty_json(config.get("hparams")),
+            "hparams": _pretty_json(config.get("hparams") or config.get("hparam_overrides")),
             "argv": " ".join(str(a) for a in config.get("argv") or []),
         },
-        "summary": summary_table(records, editors),
+        "provenance": provenance_context(run.get("provenance")),
+        "summaries": summary_tables(run_groups(run)),
         "failures": [_record_row(r, []) for r in records if r.get("outcome") in FAILED_OUTCOMES],
-        "plots": build_plots(records, editors, as_number(thresholds.get("collapse_ppl_ratio"))),
+        "plots": build_plots(records, editors, as_number(thresholds.get("collapse_ppl_ratio"))) if plots else [],
         "suites": suite_tables(records),
     }
 
@@ -101,48 +112,54 @@ def _pretty_json(value: Any) -> str | None:
     return json.dumps(value, indent=2, sort_keys=True, default=str) if value else None
 
 
-def summary_table(records: list[dict], editors: list[str]) -> dict:
-    """Per-editor counts, key metric means, min edits to collapse, mean seconds per phase, peak memory.
-
-    Key metric means leave out sequential records (they measure the model after many edits)
-    unless the editor has no others, as in the leaderboard."""
-    phases = ordered_phases(k for r in records for k in timings(r))
-    rows = []
-    for editor in editors:
-        recs = [r for r in records if editor_of(r) == editor]
-        if not recs:
-            continue
-        outcomes = [r.get("outcome") for r in recs]
-        active = [r for r in recs if not is_skipped(r)]
-        collapse = [as_number(metric(r, "edits_to_collapse")) for r in active]
-        single = [r for r in active if suite_of(r) != "sequential"] or active
-        rows.append({
-            "editor": editor,
-            "n": len(recs),
-            "passed": outcomes.count("passed"),
-            "failed": sum(o in FAILED_OUTCOMES for o in outcomes),
-            "skipped": outcomes.count("skipped"),
-            "metrics": [mean(metric(r, m) for r in single) for m in KEY_METRICS],
-            "edits_to_collapse": min((c for c in collapse if c is not None), default=None),
-            "phases": [mean(timings(r).get(p) for r in active) for p in phases],
-            "memory": _peak_memory(active),
-        })
-    return {"metric_names": list(KEY_METRICS.values()), "phases": phases, "rows": rows}
+def _column(name: str) -> dict:
+    spec = metric_spec(name)
+    return {"name": name, "label": spec.display, "tooltip": spec.tooltip}
 
 
-def _peak_memory(records: list[dict]) -> str | None:
-    peaks: dict[str, float] = {}
-    for rec in records:
-        for key, value in (rec.get("memory") or {}).items():
-            num = as_number(value)
-            if num is not None:
-                peaks[key] = max(num, peaks.get(key, num))
-    labels = {"peak_rss_mb": "RSS", "peak_gpu_mb": "GPU"}
-    return ", ".join(f"{labels.get(k, k)} {v:,.0f} MB" for k, v in sorted(peaks.items())) or None
+def summary_tables(groups: list[GroupSummary]) -> list[dict]:
+    """One table per suite: a row per editor with counts, each headline metric (value and 95% interval) and the
+    median seconds of the main phases."""
+    by_suite: dict[str, list[GroupSummary]] = defaultdict(list)
+    for g in groups:
+        by_suite[g.suite].append(g)
+    tables = []
+    for suite, members in by_suite.items():
+        names = {n for g in members for n in g.metrics}
+        columns = headline_metrics(names) + [f"timings.{p}" for p in SUMMARY_PHASES if f"timings.{p}" in names]
+        rows = [{"editor": g.editor, "n": g.n, "passed": g.passed, "failed": g.failed, "skipped": g.skipped,
+                 "cells": [(fmt_aggregate(g.metrics.get(c), None, 4),
+                            g.metrics[c].value if c in g.metrics else None) for c in columns]}
+                for g in members]
+        tables.append({"suite": suite, "columns": [_column(c) for c in columns], "rows": rows})
+    return tables
+
+
+def provenance_context(prov: Any) -> dict | None:
+    """The provenance section: harness version and commit, dataset, corpora, seeds and per-editor hyper-parameters
+    with their files (None for schema 1 runs, which had none)."""
+    if not isinstance(prov, dict):
+        return None
+    dataset = prov.get("dataset") if isinstance(prov.get("dataset"), dict) else {}
+    editors = prov.get("editors") if isinstance(prov.get("editors"), dict) else {}
+    corpora = prov.get("corpora") if isinstance(prov.get("corpora"), dict) else {}
+    return {
+        "error": prov.get("error"),
+        "harness": _items(prov.get("harness")),
+        "dataset": [(k, v) for k, v in _items(dataset) if k != "case_ids"],
+        "case_ids": ", ".join(str(c) for c in dataset.get("case_ids") or []),
+        "corpora": [(role, _items(entry)) for role, entry in corpora.items()],
+        "seeds": _items(prov.get("seeds")),
+        "editors": [{"name": str(name),
+                     "files": [(f.get("path"), f.get("sha256")) for f in (e.get("files") or []) if isinstance(f, dict)],
+                     "overrides": _pretty_json(e.get("overrides")), "error": e.get("error"),
+                     "hparams": _pretty_json(e.get("hparams"))}
+                    for name, e in editors.items() if isinstance(e, dict)],
+    }
 
 
 def suite_tables(records: list[dict]) -> list[dict]:
-    """One table per suite (in order of appearance) with a column per scalar metric."""
+    """One table per suite (in order of appearance), failed records first, with a column per scalar metric."""
     by_suite: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
         by_suite[suite_of(rec)].append(rec)
@@ -154,11 +171,12 @@ def suite_tables(records: list[dict]) -> list[dict]:
             for name, value in (r.get("metrics") or {}).items()
             if value is None or as_number(value) is not None
         }
-        columns = [m for m in KEY_METRICS if m in scalars] + sorted(scalars - set(KEY_METRICS))
+        columns = sorted(scalars, key=REGISTRY.order)
+        ordered = sorted(recs, key=lambda r: r.get("outcome") not in FAILED_OUTCOMES)
         tables.append({
             "suite": suite,
-            "columns": columns,
-            "rows": [_record_row(r, columns) for r in recs],
+            "columns": [_column(c) for c in columns],
+            "rows": [_record_row(r, columns) for r in ordered],
             "n_failed": sum(r.get("outcome") in FAILED_OUTCOMES for r in recs),
         })
     return tables
@@ -174,7 +192,7 @@ def _record_row(rec: dict, columns: list[str]) -> dict:
         "case_id": rec.get("case_id"),
         "subject": rec.get("subject"),
         "outcome": str(rec.get("outcome") or "unknown"),
-        "cells": [metric(rec, c) for c in columns],
+        "cells": [(fmt(metric(rec, c)), as_number(metric(rec, c))) for c in columns],
         "time": sum(n for n in map(as_number, timings(rec).values()) if n is not None) or None,
         "message": message,
         "message_head": message.strip().splitlines()[0] if message and message.strip() else message,
@@ -187,23 +205,27 @@ def _record_row(rec: dict, columns: list[str]) -> dict:
 def build_plots(records: list[dict], editors: list[str], collapse_ratio: float | None) -> list[dict]:
     """All plots whose data is present, each as {"title", "caption", "svg"}."""
     active = [r for r in records if not is_skipped(r)]
+    single = [r for r in active if not metric(r, "ppl_curve")]
     makers = [
-        ("Perplexity vs number of edits", "Perplexity relative to the unedited model along each "
-         "sequential-editing run; the dashed line is the collapse threshold.",
+        ("Perplexity vs number of edits", "Perplexity relative to the unedited model along each sequential-editing "
+         "run (log scale when it spans more than 20x); the dashed line, or the note when it is off the axis, is the "
+         "collapse threshold.",
          lambda: plot_ppl_curves(active, editors, collapse_ratio)),
+        ("Perplexity ratio per edit", "ppl_after / ppl_before per single-edit record (dots; box per editor), axis "
+         "zoomed to the data (log scale beyond 20x); the collapse threshold is drawn when in view, else noted.",
+         lambda: plot_ppl_ratio(single, editors, collapse_ratio)),
+        ("Edited-layer weights: mean |W|", "Mean absolute value of the (first) edited weight matrix after each "
+         "number of edits of a sequential run (metric norm_l1).",
+         lambda: plot_series(active, editors, "norm_l1", "mean |W| of the edited weight")),
         ("Downstream accuracy vs perplexity", "Accuracy per downstream task against perplexity at each state of "
          "a sequential run (base model, then after each edit); the legend gives the Spearman correlation.",
          lambda: plot_downstream_vs_ppl(active, editors)),
-        ("Edited-layer norm growth", "L1 norm of the edited weights after each number of edits.",
-         lambda: plot_series(active, editors, "norm_l1", "L1 norm of edited weights")),
-        ("Time per phase", "Mean seconds per test record, stacked by phase, per editor and suite.",
+        *[(f"Distribution: {metric_spec(name).display} ({name})",
+           f"{metric_spec(name).description}. Dots are records; the black bar is the mean with its 95% bootstrap "
+           "interval over cases.", (lambda name=name: plot_score_panel(single, editors, name)))
+          for name in score_panel_metrics(single)],
+        ("Time per phase", "Median seconds per test record, stacked by phase, per editor and suite.",
          lambda: plot_timings(active, editors)),
-        ("Perplexity ratio distribution", "ppl_after / ppl_before per record outside sequential "
-         "runs (box per editor, dots are records); the dashed line is the collapse threshold.",
-         lambda: plot_ppl_ratio([r for r in active if not metric(r, "ppl_curve")], editors, collapse_ratio)),
-        ("Score distributions", "Per-record efficacy, generalization (paraphrase) and locality "
-         "(neighborhood) scores.",
-         lambda: plot_scores(active, editors)),
         ("Causal tracing: average effect per layer", "P(answer | noised subject, clean state restored at the "
          "subject's last token) - P(answer | noised subject), averaged over the traced facts, per layer and kind "
          "(residual stream; MLP and attention outputs restored over a window of layers).",
@@ -217,7 +239,8 @@ def build_plots(records: list[dict], editors: list[str], collapse_ratio: float |
     for title, caption, make in makers:
         fig = make()
         if fig is not None:
-            plots.append({"title": title, "caption": caption, "svg": figure_to_svg(fig, f"plot{len(plots)}")})
+            plots.append({"title": title, "caption": caption, "svg": figure_to_svg(fig, f"plot{len(plots)}"),
+                          "panel": title.startswith("Distribution: ")})
     return plots
 
 
@@ -249,7 +272,7 @@ def safe_label(text: Any) -> str:
     return label or "unnamed"
 
 
-def _new_figure(width: float = 7.0, height: float = 3.8) -> Figure:
+def _new_figure(width: float = 6.2, height: float = 3.4) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -271,6 +294,39 @@ def _use_log_scale(values: list[float]) -> bool:
     return len(positive) == len(values) and bool(positive) and max(positive) / min(positive) > 20
 
 
+def _legend_outside(ax: Any, **kw: Any) -> None:
+    """The legend to the right of the axes, never over the data."""
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8, frameon=False, **kw)
+
+
+def _threshold(ax: Any, value: float | None, values: list[float]) -> None:
+    """The collapse threshold: a dashed line when it lies within (or near) the data, else a note at the top or
+    bottom edge, so that the axis stays zoomed on the data."""
+    if not value:
+        return
+    lo, hi = min(values), max(values)
+    if ax.get_yscale() == "log" or lo <= value <= hi * 1.15:
+        ax.axhline(value, color="crimson", linestyle="--", linewidth=1, label=f"collapse threshold x{value:g}")
+    else:
+        where, y = ("above", 0.98) if value > hi else ("below", 0.02)
+        ax.text(0.99, y, f"collapse threshold x{value:g} {where} the axis", transform=ax.transAxes, ha="right",
+                va="top" if where == "above" else "bottom", fontsize=8, color="crimson")
+
+
+def _zoom(ax: Any, values: list[float]) -> None:
+    """Log scale beyond a 20x range; else limits padded around the data, with enough decimals that 0.998 and
+    1.008 read differently."""
+    if _use_log_scale(values):
+        ax.set_yscale("log")
+        return
+    lo, hi = min(values), max(values)
+    pad = max((hi - lo) * 0.1, abs(hi) * 0.002, 1e-6)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))    # 1.008, not "+1" and 0.008
+
+
 def _line_plot(lines: dict[str, list[list[tuple[float, float]]]], editors: list[str]) -> tuple[Figure, Any]:
     fig = _new_figure()
     ax = fig.add_subplot()
@@ -280,6 +336,7 @@ def _line_plot(lines: dict[str, list[list[tuple[float, float]]]], editors: list[
             ax.plot(xs, ys, marker=".", color=f"C{i % 10}", alpha=0.9,
                     label=safe_label(editor) if j == 0 else "_nolegend_")
     ax.set_xlabel("number of edits")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     return fig, ax
 
@@ -298,14 +355,11 @@ def plot_ppl_curves(records: list[dict], editors: list[str], collapse_ratio: flo
     if not lines:
         return None
     fig, ax = _line_plot(lines, editors)
-    if collapse_ratio:
-        ax.axhline(collapse_ratio, color="crimson", linestyle="--", linewidth=1,
-                   label=f"collapse threshold (x{collapse_ratio:g})")
-    values = [y for curves in lines.values() for pts in curves for _, y in pts]
-    if _use_log_scale(values + ([collapse_ratio] if collapse_ratio else [])):
-        ax.set_yscale("log")
+    values = [y for curves in lines.values() for pts in curves for _, y in pts if math.isfinite(y)]
+    _zoom(ax, values or [1.0])
+    _threshold(ax, collapse_ratio, values or [1.0])
     ax.set_ylabel("perplexity / perplexity before editing")
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return fig
 
 
@@ -336,7 +390,7 @@ def plot_downstream_vs_ppl(records: list[dict], editors: list[str]) -> Figure | 
     ax.set_xlabel("perplexity")
     ax.set_ylabel("downstream accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return fig
 
 
@@ -350,52 +404,57 @@ def plot_series(records: list[dict], editors: list[str], name: str, ylabel: str)
     if not lines:
         return None
     fig, ax = _line_plot(lines, editors)
-    if _use_log_scale([y for curves in lines.values() for pts in curves for _, y in pts]):
-        ax.set_yscale("log")
+    _zoom(ax, [y for curves in lines.values() for pts in curves for _, y in pts if math.isfinite(y)] or [0.0])
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return fig
 
 
 def plot_timings(records: list[dict], editors: list[str]) -> Figure | None:
-    """Stacked bars of mean seconds per phase, one bar per (editor, suite) so that a sequential
-    run's long edit phase is not averaged with single edits."""
+    """Stacked bars of median seconds per phase, one bar per (editor, suite) so that a sequential run's long
+    edit phase is not pooled with single edits."""
     phases = ordered_phases(k for r in records for k in timings(r))
     suites = list(dict.fromkeys(suite_of(r) for r in records))
     bars: dict[tuple[str, str], list[float]] = {}
     for editor in editors:
         for suite in suites:
             recs = [r for r in records if editor_of(r) == editor and suite_of(r) == suite]
-            means = [mean(timings(r).get(p) for r in recs) or 0.0 for p in phases]
-            if any(means):
-                bars[(editor, suite)] = means
+            medians = [aggregate([timings(r).get(p) for r in recs], "median").value or 0.0 for p in phases]
+            if any(medians):
+                bars[(editor, suite)] = medians
     if not bars:
         return None
-    fig = _new_figure(width=min(14.0, max(4.5, 0.9 * len(bars) + 3)))
+    fig = _new_figure(width=min(14.0, max(5.5, 0.9 * len(bars) + 4)))
     ax = fig.add_subplot()
     x = np.arange(len(bars))
     bottom = np.zeros(len(bars))
     for k, phase in enumerate(phases):
-        heights = np.array([means[k] for means in bars.values()])
+        heights = np.array([values[k] for values in bars.values()])
         if heights.any():
             ax.bar(x, heights, bottom=bottom, label=safe_label(phase), color=f"C{k % 10}", width=0.6)
             bottom += heights
     ax.set_xticks(x, [f"{safe_label(e)}\n{safe_label(s)}" for e, s in bars], fontsize=8)
-    ax.set_ylabel("mean seconds per record")
+    ax.set_ylabel("median seconds per record")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, title="phase", title_fontsize=8)
+    _legend_outside(ax, title="phase", title_fontsize=8)
     return fig
 
 
-def _box_with_points(ax: Any, groups: dict[str, list[float]]) -> None:
-    """Box per editor with the individual values as jittered dots."""
+def _box_with_points(ax: Any, groups: dict[str, list[float]], mean_ci: bool = False) -> None:
+    """Box per editor with the individual values as jittered dots (and the mean with its bootstrap interval)."""
     labels = list(groups)
     ax.boxplot([groups[e] for e in labels], widths=0.5, showfliers=False)
     rng = np.random.default_rng(0)
     for i, editor in enumerate(labels, start=1):
         values = groups[editor]
-        ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=10, alpha=0.6, color=f"C{(i - 1) % 10}")
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=12, alpha=0.6, color=f"C{(i - 1) % 10}")
+        if mean_ci:
+            agg = aggregate(values)
+            if agg.value is not None and agg.low is not None:
+                ax.errorbar(i + 0.32, agg.value, yerr=[[agg.value - agg.low], [agg.high - agg.value]], fmt="o",
+                            color="black", markersize=4, capsize=3, linewidth=1.2)
     ax.set_xticks(range(1, len(labels) + 1), [safe_label(e) for e in labels])
+    ax.set_xlim(0.4, len(labels) + 0.7)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -410,37 +469,41 @@ def _values_by_editor(records: list[dict], editors: list[str], name: str) -> dic
 
 
 def plot_ppl_ratio(records: list[dict], editors: list[str], collapse_ratio: float | None) -> Figure | None:
-    """Box plot of per-record ppl_ratio per editor."""
+    """Per-record ppl_ratio per editor, the axis zoomed to the data."""
     groups = _values_by_editor(records, editors, "ppl_ratio")
     if not groups:
         return None
-    fig = _new_figure(width=max(4.5, 1.2 * len(groups) + 3))
+    fig = _new_figure(width=max(5.0, 1.2 * len(groups) + 3.5))
     ax = fig.add_subplot()
-    _box_with_points(ax, groups)
-    if collapse_ratio:
-        ax.axhline(collapse_ratio, color="crimson", linestyle="--", linewidth=1,
-                   label=f"collapse threshold (x{collapse_ratio:g})")
-        ax.legend(fontsize=8)
-    if _use_log_scale([v for vs in groups.values() for v in vs]):
-        ax.set_yscale("log")
+    _box_with_points(ax, groups, mean_ci=True)
+    values = [v for vs in groups.values() for v in vs]
+    _zoom(ax, values)
+    _threshold(ax, collapse_ratio, values)
     ax.set_ylabel("ppl_after / ppl_before")
+    _legend_outside(ax)
     return fig
 
 
-def plot_scores(records: list[dict], editors: list[str]) -> Figure | None:
-    """One panel per score metric (efficacy, generalization, locality) with a box per editor."""
-    panels = {m: g for m in SCORE_METRICS if (g := _values_by_editor(records, editors, m))}
-    if not panels:
+def score_panel_metrics(records: list[dict]) -> list[str]:
+    """Headline metrics with a direction and a bounded unit (fractions, scores) that the records carry: one
+    distribution panel each."""
+    names = {n for r in records for n in (r.get("metrics") or {})}
+    return [n for n in headline_metrics(names)
+            if metric_spec(n).higher_is_better is not None and metric_spec(n).unit in ("fraction", "score")]
+
+
+def plot_score_panel(records: list[dict], editors: list[str], name: str) -> Figure | None:
+    """One score's per-record values per editor (dots, box, mean with its 95% interval)."""
+    groups = _values_by_editor(records, editors, name)
+    if not groups:
         return None
-    n_editors = max(len(g) for g in panels.values())
-    fig = _new_figure(width=max(5.0, len(panels) * (1.0 * n_editors + 1.5)), height=3.4)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (name, groups) in zip(axes, panels.items(), strict=True):
-        _box_with_points(ax, groups)
-        ax.set_title(f"{KEY_METRICS[name]} ({name})", fontsize=9)
-        values = [v for vs in groups.values() for v in vs]
-        if all(0.0 <= v <= 1.0 for v in values):
-            ax.set_ylim(-0.05, 1.05)
+    fig = _new_figure(width=max(3.4, 0.9 * len(groups) + 1.8), height=2.8)
+    ax = fig.add_subplot()
+    _box_with_points(ax, groups, mean_ci=True)
+    values = [v for vs in groups.values() for v in vs]
+    if all(0.0 <= v <= 1.0 for v in values):
+        ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel(metric_spec(name).display)
     return fig
 
 
@@ -496,6 +559,7 @@ def plot_layer_sweep(records: list[dict]) -> Figure | None:
             ax.plot(layers, [as_number(v) for v in tracing], linestyle="--", color=f"C{i % 10}")
     ax.set_xlabel("edited layer (window centre)")
     ax.set_ylabel("edit success / tracing effect")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return fig

@@ -1,52 +1,58 @@
-"""Leaderboard across runs: one row per (model, editor), ranked by a ROME-style score.
+"""Leaderboard across runs, like for like: one table per (model, dataset, suite), one row per editor.
 
-The score is the harmonic mean of efficacy (efficacy_success), generalization
-(paraphrase_success) and locality (neighborhood_success), over those that were measured.
-Means (efficacy ... ppl_ratio, time_per_edit_s) are over the non-sequential records, since a
-sequential record measures the model after a whole series of edits (its damage shows in
-edits_to_collapse); only when an editor has no other records are sequential ones used.
+* **Tables.** Runs are grouped by model name, dataset (resolved spec and file sha256; schema 1 runs: the spec as
+  given) and suite; nothing is pooled across them. Records of the same case from several runs are counted once
+  (the latest run's). An editor run with different resolved hyper-parameters gets its own row (``memit@1a2b3c``).
+* **Numbers.** Every cell is the registry's aggregate over cases with its 95% bootstrap interval, and n.
+* **Ranking rule** (documented in the output): rows with fewer than ``min_n`` cases are listed but not ranked.
+  The others are ranked first by collapse, then by score: an editor with no collapsed case ranks above every
+  editor with one, and among editors that collapsed fewer collapsed cases rank higher; ties in collapse are
+  broken by the score (descending), then by n. A case is collapsed when its ppl_ratio reached its run's collapse
+  threshold or its sequential stream recorded edits_to_collapse. So a collapse can never be bought back by
+  efficacy.
+* **Score.** The first of :data:`RANK_BY` the table's records carry (``rome_score``: the per-case harmonic mean of
+  efficacy, generalization and locality), else the first headline metric with a direction.
 """
-
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from harness.metrics.registry import (
+    Aggregate,
+    aggregate_records,
+    headline_metrics,
+    metric_spec,
+    record_names,
+    to_number,
+)
 from harness.report import (
-    as_number,
+    collapse_threshold,
+    dataset_label,
     editor_of,
-    fmt,
+    fmt_aggregate,
     is_skipped,
     load_run,
-    mean,
-    metric,
     model_name,
     suite_of,
     template_env,
-    timings,
 )
+from harness.report.compare import case_key
+from harness.report.escape import markdown_cell
 
-COLUMNS = [
-    "model", "editor", "score", "n", "efficacy", "generalization", "locality", "ppl_ratio",
-    "edits_to_collapse", "downstream_drop", "time_per_edit_s", "runs",
-]
-_MEAN_COLUMNS = {
-    "efficacy": "efficacy_success",
-    "generalization": "paraphrase_success",
-    "locality": "neighborhood_success",
-    "ppl_ratio": "ppl_ratio",
-}
-# How each column is written in the markdown / HTML tables.
-_FORMATS = {
-    "score": "{:.3f}", "efficacy": "{:.3f}", "generalization": "{:.3f}", "locality": "{:.3f}",
-    "ppl_ratio": "{:.3f}", "downstream_drop": "{:+.3f}", "time_per_edit_s": "{:.3g}",
-}
-_DOWNSTREAM = re.compile(r"^downstream_(.+)_(before|after)$")
+RANK_BY = ("rome_score", "problem_score", "efficacy_final", "neighborhood_retained", "best_edit_success")
+DEFAULT_MIN_N = 5
+RULE = ("Ranking: editors with fewer than {min_n} cases are listed but not ranked; the others rank first by "
+        "collapse (no collapsed case above any collapsed case, fewer collapsed cases above more; a case is collapsed "
+        "when its perplexity ratio reached the run's collapse threshold or its sequential stream collapsed), then by "
+        "score (descending), then n. Cells: mean [95% bootstrap CI over cases]; timings: median.")
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[dict]:
@@ -54,122 +60,186 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict]:
     return [load_run(p) for p in paths]
 
 
-def harmonic_mean(values: Iterable[float | None]) -> float | None:
-    """Harmonic mean of the values that are present (0 if any is <= 0); None when none are."""
-    nums = [v for v in values if v is not None and not math.isnan(v)]
-    if not nums:
-        return None
-    if any(v <= 0 for v in nums):
-        return 0.0
-    return len(nums) / sum(1.0 / v for v in nums)
+@dataclass
+class BoardRow:
+    editor: str
+    n: int
+    runs: int
+    collapsed: int
+    score: Aggregate | None
+    metrics: dict[str, Aggregate | None]
+    rank: int | None = None
+
+    @property
+    def ranked(self) -> bool:
+        return self.rank is not None
 
 
-def downstream_drops(record: dict) -> list[float]:
-    """before - after for every downstream task with both values in the record."""
-    values: dict[str, dict[str, float]] = {}
-    for name, value in (record.get("metrics") or {}).items():
-        match = _DOWNSTREAM.match(name)
-        num = as_number(value)
-        if match and num is not None:
-            values.setdefault(match.group(1), {})[match.group(2)] = num
-    return [v["before"] - v["after"] for v in values.values() if {"before", "after"} <= v.keys()]
+@dataclass
+class BoardTable:
+    model: str
+    dataset: str
+    suite: str
+    score_metric: str | None
+    columns: list[str]
+    rows: list[BoardRow] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return f"{self.model} / {self.dataset} / {self.suite}"
 
 
-def leaderboard(runs: Iterable[dict]) -> pd.DataFrame:
-    """One row per (model, editor) over all runs, sorted by model then score (descending)."""
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-    for index, run in enumerate(runs):
-        model = model_name(run)
+def _hparams_digest(run: dict, editor: str) -> str | None:
+    prov = run.get("provenance") if isinstance(run.get("provenance"), dict) else {}
+    entry = (prov.get("editors") or {}).get(editor) if isinstance(prov.get("editors"), dict) else None
+    hp = entry.get("hparams") if isinstance(entry, dict) else None
+    return hashlib.sha256(json.dumps(hp, sort_keys=True, default=str).encode()).hexdigest()[:6] if hp else None
+
+
+def _is_collapsed(record: dict, threshold: float) -> bool:
+    ratio = to_number((record.get("metrics") or {}).get("ppl_ratio"))
+    collapse = to_number((record.get("metrics") or {}).get("edits_to_collapse"))
+    return (ratio is not None and ratio >= threshold) or collapse is not None
+
+
+def _collect(runs: list[dict]) -> dict[tuple[str, str, str], dict[tuple[str, str | None], dict]]:
+    """(model, dataset, suite) -> (editor, hparams digest) -> case key -> (record, collapsed, run id), latest
+    run last so that its record of a case wins."""
+    tables: dict[tuple[str, str, str], dict[tuple[str, str | None], dict]] = {}
+    for index, run in sorted(enumerate(runs), key=lambda ir: (str(ir[1].get("started") or ""), ir[0])):
+        threshold = collapse_threshold(run)
         for rec in run.get("records") or []:
             if not isinstance(rec, dict) or is_skipped(rec):
                 continue
-            group = groups.setdefault((model, editor_of(rec)), {"records": [], "runs": set()})
-            group["records"].append(rec)
-            group["runs"].add(run.get("run_id") or f"#{index}")
+            table = tables.setdefault((model_name(run), dataset_label(run), suite_of(rec)), {})
+            editor = editor_of(rec)
+            cases = table.setdefault((editor, _hparams_digest(run, editor)), {})
+            cases[case_key(rec)] = (rec, _is_collapsed(rec, threshold), run.get("run_id") or f"#{index}")
+    return tables
 
+
+def _score_metric(names: list[str]) -> str | None:
+    for name in RANK_BY:
+        if name in names:
+            return name
+    directional = [n for n in headline_metrics(names) if metric_spec(n).higher_is_better is not None]
+    return directional[0] if directional else None
+
+
+def _score(records: list[dict], name: str | None) -> Aggregate | None:
+    return aggregate_records(records, name) if name else None
+
+
+def _rank(rows: list[BoardRow], min_n: int, score_metric: str | None) -> None:
+    """Assign ranks by the documented rule (module docstring); unranked rows keep rank None and go last."""
+    sign = -1.0 if score_metric and metric_spec(score_metric).higher_is_better else 1.0     # best first
+
+    def key(row: BoardRow) -> tuple:
+        value = row.score.value if row.score and row.score.value is not None else None
+        score = sign * value if value is not None and math.isfinite(value) else math.inf
+        return (not row.n >= min_n, row.collapsed > 0, row.collapsed / max(row.n, 1), score, -row.n, row.editor)
+
+    rows.sort(key=key)
+    for i, row in enumerate(r for r in rows if r.n >= min_n):
+        row.rank = i + 1
+
+
+def board_tables(runs: list[dict], min_n: int = DEFAULT_MIN_N) -> list[BoardTable]:
+    """The leaderboard: one table per (model, dataset, suite), rows ranked by the documented rule."""
+    out = []
+    for (model, dataset, suite), editors in sorted(_collect(runs).items()):
+        digests: dict[str, set] = {}
+        for editor, digest in editors:
+            digests.setdefault(editor, set()).add(digest)
+        all_records = [rec for cases in editors.values() for rec, _, _ in cases.values()]
+        names = record_names(all_records)
+        score_metric = _score_metric(names)
+        columns = [n for n in headline_metrics(names) if n != score_metric] + \
+                  (["timings.edit"] if "timings.edit" in names else [])
+        table = BoardTable(model, dataset, suite, score_metric, columns)
+        for (editor, digest), cases in editors.items():
+            records = [rec for rec, _, _ in cases.values()]
+            label = f"{editor}@{digest}" if len(digests[editor]) > 1 and digest else editor
+            table.rows.append(BoardRow(label, len(records), len({r for _, _, r in cases.values()}),
+                                       sum(c for _, c, _ in cases.values()), _score(records, score_metric),
+                                       {n: aggregate_records(records, n) for n in columns}))
+        _rank(table.rows, min_n, score_metric)
+        out.append(table)
+    return out
+
+
+def leaderboard(runs: Iterable[dict], min_n: int = DEFAULT_MIN_N) -> pd.DataFrame:
+    """The leaderboard as one long-form frame: a row per (model, dataset, suite, editor) with rank (NA: not
+    ranked), n, runs, collapsed cases, score and every column's value, ci_low, ci_high."""
     rows = []
-    for (model, editor), group in groups.items():
-        recs = group["records"]
-        row: dict[str, Any] = {"model": model, "editor": editor, "n": len(recs), "runs": len(group["runs"])}
-        single = [r for r in recs if suite_of(r) != "sequential"] or recs
-        for column, name in _MEAN_COLUMNS.items():
-            row[column] = mean(metric(r, name) for r in single)
-        row["score"] = harmonic_mean([row["efficacy"], row["generalization"], row["locality"]])
-        collapse = [as_number(metric(r, "edits_to_collapse")) for r in recs if suite_of(r) == "sequential"]
-        row["edits_to_collapse"] = min((c for c in collapse if c is not None), default=None)
-        row["downstream_drop"] = mean(d for r in recs for d in downstream_drops(r))
-        row["time_per_edit_s"] = mean(timings(r).get("edit") for r in single)
-        rows.append(row)
-
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    for column in ("score", *_MEAN_COLUMNS, "downstream_drop", "time_per_edit_s"):
-        df[column] = df[column].astype("float64")
-    df["edits_to_collapse"] = df["edits_to_collapse"].astype("Int64")
-    df = df.sort_values(["model", "score"], ascending=[True, False], na_position="last", kind="stable")
-    return df.reset_index(drop=True)
+    for table in board_tables(list(runs), min_n):
+        for row in table.rows:
+            out: dict[str, Any] = {"model": table.model, "dataset": table.dataset, "suite": table.suite,
+                                   "rank": row.rank, "editor": row.editor, "n": row.n, "runs": row.runs,
+                                   "collapsed": row.collapsed, "score_metric": table.score_metric}
+            for name, agg in [("score", row.score), *row.metrics.items()]:
+                out[name] = agg.value if agg else None
+                out[f"{name}_ci_low"] = agg.low if agg else None
+                out[f"{name}_ci_high"] = agg.high if agg else None
+            rows.append(out)
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df["rank"] = df["rank"].astype("Int64")
+    return df
 
 
-def format_cell(column: str, value: Any) -> str:
-    """A leaderboard value as text; missing values as '-'."""
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if column in _FORMATS:
-        return _FORMATS[column].format(float(value))
-    if column in ("n", "runs", "edits_to_collapse"):
-        return str(int(value))
-    return fmt(value)
+# --------------------------------------------------------------------------- output
+def _cells(table: BoardTable, row: BoardRow, escape: Callable[[str], str] = str) -> list[str]:
+    """A row's cells; only the editor is run-provided text (``escape`` is applied to it), the rest are numbers."""
+    editor = escape(row.editor) + (" (collapsed)" if row.collapsed else "")
+    return [str(row.rank) if row.rank else "-", editor, str(row.n), str(row.runs), f"{row.collapsed}/{row.n}",
+            fmt_aggregate(row.score, None, 4), *[fmt_aggregate(row.metrics[c], None, 4) for c in table.columns]]
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    """The leaderboard as a GitHub-flavoured markdown table (no tabulate needed)."""
-    columns = list(df.columns)
-
-    def cell(text: str) -> str:
-        return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-    numeric = {c for c in columns if pd.api.types.is_numeric_dtype(df[c])}
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---:" if c in numeric else "---" for c in columns) + "|",
-    ]
-    for record in df.to_dict("records"):
-        lines.append("| " + " | ".join(cell(format_cell(c, record[c])) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+def _headers(table: BoardTable) -> list[str]:
+    score = f"score ({metric_spec(table.score_metric).display})" if table.score_metric else "score"
+    return ["rank", "editor", "n", "runs", "collapsed", score, *[metric_spec(c).display for c in table.columns]]
 
 
-def write_leaderboard(runs: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
+def to_markdown(tables: list[BoardTable], min_n: int = DEFAULT_MIN_N) -> str:
+    """The leaderboard as GitHub-flavoured markdown: a heading and a table per (model, dataset, suite); every
+    cell escaped (no HTML, links or emphasis from run fields)."""
+    parts = [RULE.format(min_n=min_n), ""]
+    for table in tables:
+        headers = _headers(table)
+        parts.append("## " + markdown_cell(table.title))
+        parts.append("")
+        parts.append("| " + " | ".join(markdown_cell(h) for h in headers) + " |")
+        parts.append("|" + "|".join("---" if h == "editor" else "---:" for h in headers) + "|")
+        parts.extend("| " + " | ".join(_cells(table, row, markdown_cell)) + " |" for row in table.rows)
+        parts.append("")
+    if not tables:
+        parts.append("No records in the given runs.")
+    return "\n".join(parts) + "\n"
+
+
+def write_leaderboard(runs: list[dict], out_dir: str | Path, min_n: int = DEFAULT_MIN_N) -> tuple[Path, Path]:
     """Write ``leaderboard.md`` and a self-contained ``index.html`` into out_dir; return both paths."""
+    from harness.run import atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    df = leaderboard(runs)
-
-    md_path = out / "leaderboard.md"
-    md_path.write_text(
-        "# Knowledge-editing leaderboard\n\n"
-        "score = harmonic mean of efficacy, generalization and locality; "
-        "downstream_drop = mean (before - after) over downstream tasks.\n\n"
-        + to_markdown(df)
-        + "\nRuns:\n\n"
-        + "".join(f"- `{r.get('run_id') or '?'}` ({model_name(r)}, started {r.get('started') or '?'})\n"
-                  for r in runs),
-        encoding="utf-8",
-    )
-
-    models = []
-    for model, part in df.groupby("model", sort=False):
-        models.append({
-            "name": model,
-            "rows": [[format_cell(c, rec[c]) for c in COLUMNS[1:]] for rec in part.to_dict("records")],
-        })
-    html_path = out / "index.html"
-    html_path.write_text(
-        template_env().get_template("leaderboard.html.j2").render(
-            columns=COLUMNS[1:],
-            models=models,
-            runs=[_run_info(r) for r in runs],
-        ),
-        encoding="utf-8",
-    )
+    tables = board_tables(runs, min_n)
+    md = ("# Knowledge-editing leaderboard\n\n" + to_markdown(tables, min_n) + "\nRuns:\n\n"
+          + "".join(f"- run {markdown_cell(r.get('run_id') or '?')}: model {markdown_cell(model_name(r))}, dataset "
+                    f"{markdown_cell(dataset_label(r))}, started {markdown_cell(r.get('started') or '?')}\n"
+                    for r in runs))
+    md_path = atomic_write_text(out / "leaderboard.md", md)
+    html = template_env().get_template("leaderboard.html.j2").render(
+        rule=RULE.format(min_n=min_n),
+        tables=[{"title": t.title, "headers": _headers(t),
+                 "tooltips": ["", "", "cases (records) aggregated", "runs pooled", "collapsed cases",
+                              metric_spec(t.score_metric).tooltip if t.score_metric else "",
+                              *[metric_spec(c).tooltip for c in t.columns]],
+                 "rows": [{"cells": _cells(t, r), "ranked": r.ranked, "collapsed": r.collapsed} for r in t.rows]}
+                for t in tables],
+        runs=[_run_info(r) for r in runs])
+    html_path = atomic_write_text(out / "index.html", html)
     return md_path, html_path
 
 
@@ -182,5 +252,10 @@ def _run_info(run: dict) -> dict:
         "started": run.get("started"),
         "device": machine.get("gpu_name") or machine.get("device"),
         "editors": ", ".join(str(e) for e in config.get("editors") or []),
-        "dataset": config.get("dataset"),
+        "dataset": dataset_label(run),
+        "schema_version": run.get("schema_version"),
     }
+
+
+__all__ = ["BoardRow", "BoardTable", "DEFAULT_MIN_N", "RANK_BY", "board_tables", "leaderboard",
+           "load_runs", "to_markdown", "write_leaderboard"]

@@ -1,0 +1,253 @@
+"""Provenance of a run: what exactly ran, so that a result can be traced and two runs compared like for like.
+
+Small functions of plain values (paths, names, dicts), each testable alone, and one entry point,
+:func:`collect`, that reads them off a pytest session's :class:`~harness.session.HarnessSession` without loading
+anything new (no model load at the end of a run: what the session never loaded is resolved from files, or left
+out). The result is the run JSON's ``provenance`` (docs/run-json.md):
+
+* ``harness``: package version, git commit of the harness source tree and whether it had uncommitted changes;
+* ``editors``: per editor, the resolved hyper-parameters, the YAML files they came from (with sha256) and the
+  ``--hparam`` overrides;
+* ``dataset``: the spec asked for, its kind, the file resolved (with sha256), number and ids of the cases;
+* ``corpora``: the perplexity and key-statistics texts: spec, file, sha256, texts and tokens actually used;
+* ``seeds``: every seed that shapes the numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import os
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+PACKAGE = "knowedit-harness"
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def sha256_file(path: str | os.PathLike[str] | None) -> str | None:
+    """Hex sha256 of a file's bytes (streamed); None when there is no such readable file."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def file_entry(path: Path, root: Path | None = None) -> dict[str, Any]:
+    """``{"path", "sha256"}``, the path relative to ``root`` when it lies inside it."""
+    shown = path
+    if root is not None:
+        try:
+            shown = path.resolve().relative_to(root.resolve())
+        except ValueError:
+            pass
+    return {"path": str(shown), "sha256": sha256_file(path)}
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_state(root: Path = SOURCE_ROOT) -> dict[str, Any]:
+    """Commit of the git tree holding ``root`` and whether tracked files differ from it (None: not a git tree,
+    e.g. an installed wheel, or no git)."""
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": None, "git_dirty": None}
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit.strip(), "git_dirty": None if status is None else bool(status.strip())}
+
+
+def harness_version() -> str | None:
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def harness_provenance(root: Path = SOURCE_ROOT) -> dict[str, Any]:
+    return {"version": harness_version(), **git_state(root), "source": str(root)}
+
+
+# --------------------------------------------------------------------------- editors
+def hparam_files(editor: str, family: str | None, hparams_dir: Path) -> list[Path]:
+    """The YAML files ``load_hparams`` reads for ``editor`` on ``family``, in the order applied."""
+    folder = hparams_dir / editor
+    names = ["default.yaml"] + ([f"{family}.yaml"] if family and family != "default" else [])
+    return [folder / n for n in names if (folder / n).is_file()]
+
+
+def hparams_dict(hparams: Any) -> dict[str, Any] | None:
+    """A hyper-parameter object (dataclass or mapping) as a plain dict."""
+    if dataclasses.is_dataclass(hparams) and not isinstance(hparams, type):
+        return dataclasses.asdict(hparams)
+    if isinstance(hparams, dict):
+        return dict(hparams)
+    return None
+
+
+def editor_provenance(editor: str, hparams: Any, family: str | None, overrides: dict[str, Any],
+                      hparams_dir: Path) -> dict[str, Any]:
+    """Resolved hyper-parameters of one editor, the files they came from and the command-line overrides."""
+    return {"hparams": hparams_dict(hparams), "family": family, "overrides": dict(overrides),
+            "files": [file_entry(p, hparams_dir.parent) for p in hparam_files(editor, family, hparams_dir)]}
+
+
+def resolve_editor(editor: str, overrides: Sequence[str], family: str | None, n_layers: int | None,
+                   built: Any = None) -> dict[str, Any]:
+    """Provenance of ``editor``: from the instance the session built (``built``), else resolved from the files
+    the way ``build_editor`` does, without a model. A failure is recorded, not raised (the run is over)."""
+    from .editors.base import HPARAMS_DIR, load_hparams, parse_hparam_overrides
+    from .editors.base import registry as editors
+
+    try:
+        cls = type(built) if built is not None else editors.get(editor)
+        parsed = parse_hparam_overrides(list(overrides), cls)
+        hp = built.hparams if built is not None else load_hparams(cls, family or "default", parsed, n_layers=n_layers)
+        out = editor_provenance(editor, hp, family, parsed, HPARAMS_DIR)
+        out["class"] = f"{cls.__module__}:{cls.__qualname__}"
+        return out
+    except Exception as e:  # noqa: BLE001 - provenance is best effort once the tests have run
+        return {"hparams": None, "files": [], "error": f"{type(e).__name__}: {e}"}
+
+
+# --------------------------------------------------------------------------- data
+def dataset_file(spec: str, data_dir: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
+    """(kind, file) a dataset spec resolves to, as ``load_cases`` resolves it: builtin, named (in the data dir),
+    hub (no local file) or file."""
+    from .data.loaders import BUILTIN_DIR, BUILTIN_SETS, NAMED_SETS, resolve_data_dir
+
+    if spec in BUILTIN_SETS:
+        return "builtin", BUILTIN_DIR / BUILTIN_SETS[spec]
+    if spec in NAMED_SETS:
+        root = resolve_data_dir(data_dir)
+        return spec, (root / NAMED_SETS[spec]) if root is not None else None
+    if spec.startswith("hf:"):
+        return "hub", None
+    return "file", Path(spec).expanduser()
+
+
+def dataset_provenance(spec: str, data_dir: str | os.PathLike[str] | None, case_ids: Iterable[str] | None,
+                       requested: str | None = None) -> dict[str, Any]:
+    kind, path = dataset_file(spec, data_dir)
+    ids = None if case_ids is None else [str(c) for c in case_ids]
+    return {"spec": spec, "requested": requested or spec, "kind": kind,
+            "path": str(path) if path is not None else None, "sha256": sha256_file(path),
+            "n_cases": None if ids is None else len(ids), "case_ids": ids}
+
+
+def corpus_file(spec: str, data_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The file a corpus spec resolves to (as ``load_texts``); None for generated or unresolvable texts."""
+    from .data.corpus import NAMED_CORPORA
+    from .data.loaders import BUILTIN_DIR, resolve_data_dir
+
+    if spec == "builtin":
+        return BUILTIN_DIR / "passages.json"
+    if spec == "builtin-sentences":
+        return None
+    if spec in NAMED_CORPORA:
+        root = resolve_data_dir(data_dir)
+        return root / NAMED_CORPORA[spec] if root is not None else None
+    return Path(spec).expanduser()
+
+
+def corpus_provenance(spec: str, data_dir: str | os.PathLike[str] | None, **used: Any) -> dict[str, Any]:
+    """Spec, file and sha256 of a corpus, plus what was used of it (``texts=``, ``tokens=``, ...)."""
+    path = corpus_file(spec, data_dir)
+    return {"spec": spec, "path": str(path) if path is not None else None, "sha256": sha256_file(path), **used}
+
+
+def stats_tokens_used(stats: Any) -> Any:
+    """Tokens the key statistics were actually computed on, if the statistics object records it (``tokens_used``
+    or ``n_tokens_used``, an int or a per-layer mapping); None otherwise."""
+    prov = getattr(stats, "provenance", None)
+    if isinstance(prov, dict) and "tokens_used" in prov:
+        return {"min": prov["tokens_used"], **({"per_layer": prov["per_layer"]} if "per_layer" in prov else {})}
+    for name in ("tokens_used", "n_tokens_used"):
+        value = getattr(stats, name, None)
+        if callable(value):
+            value = value()
+        if value is not None:
+            return dict(value) if isinstance(value, dict) else value
+    return None
+
+
+# --------------------------------------------------------------------------- the session
+def collect(session: Any, model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's provenance from a ``HarnessSession`` (read-only: nothing is loaded that the run did not load).
+    ``model`` is the run's model identity (family, n_layers) when the session never loaded the model itself,
+    as on an xdist controller."""
+    o = session.options
+    lm = getattr(session, "_lm", None)
+    identity = dict(getattr(lm, "identity", None) or model or {})
+    built = getattr(session, "_editors", None) or {}
+    editors = {name: resolve_editor(name, o.hparams, identity.get("family"), identity.get("n_layers"),
+                                    built.get(name)) for name in o.editors}
+    return {"harness": harness_provenance(), "editors": editors, "dataset": _session_dataset(session),
+            "corpora": _session_corpora(session), "seeds": _session_seeds(session)}
+
+
+def _session_dataset(session: Any) -> dict[str, Any]:
+    o = session.options
+    try:
+        spec = session.dataset_name()
+        cases = session.cases()            # the loaded cases, or a re-read of the file (no model needed)
+        out = dataset_provenance(spec, o.data_dir, [c.case_id for c in cases], requested=o.dataset)
+        skipped = getattr(cases, "skipped", None)
+        if skipped:                        # --skip-invalid: what was left out, and why
+            out["skipped"] = [s.to_dict() for s in skipped]
+        return out
+    except Exception as e:  # noqa: BLE001 - a dataset error has already failed the tests that needed it
+        return {"spec": str(o.dataset), "kind": None, "error": f"{type(e).__name__}: {e}"}
+
+
+def _session_corpora(session: Any) -> dict[str, Any]:
+    o = session.options
+    out: dict[str, Any] = {}
+    base = getattr(session, "_ppl_base", None)
+    texts = getattr(session, "_ppl_texts", None)
+    try:
+        out["perplexity"] = corpus_provenance(session.ppl_corpus_name(), o.data_dir, texts_requested=o.ppl_texts,
+                                              texts=None if texts is None else len(texts),
+                                              tokens=getattr(base, "n_tokens", None))
+    except Exception as e:  # noqa: BLE001
+        out["perplexity"] = {"spec": str(o.ppl_corpus), "error": f"{type(e).__name__}: {e}"}
+    stats = getattr(session, "_stats", None)
+    if stats is not None:
+        out["statistics"] = corpus_provenance(
+            getattr(stats, "corpus_name", str(o.stats_corpus)), o.data_dir,
+            tokens_requested=getattr(stats, "n_tokens", o.stats_tokens), tokens_used=stats_tokens_used(stats),
+            layers=sorted(getattr(stats, "_mem", {}) or []))
+    else:
+        out["statistics"] = {"spec": str(o.stats_corpus), "tokens_requested": o.stats_tokens, "used": False}
+    return out
+
+
+def _session_seeds(session: Any) -> dict[str, Any]:
+    from .metrics.registry import BOOTSTRAP_SEED
+
+    tracer = getattr(session, "_tracer", None)
+    seeds: dict[str, Any] = {"bootstrap": BOOTSTRAP_SEED, "editing_problems_noise": 0,
+                             "tracing_noise": getattr(tracer, "seed", None)}
+    for name, editor in (getattr(session, "_editors", None) or {}).items():
+        seed = getattr(getattr(editor, "hparams", None), "template_seed", None)
+        if seed is not None:
+            seeds[f"{name}.template_seed"] = seed
+    try:
+        import torch
+        seeds["torch_initial_seed"] = int(torch.initial_seed())
+    except Exception:  # noqa: BLE001
+        pass
+    return seeds
