@@ -206,12 +206,34 @@ def _cmd_mine_hard(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- merge, launch (docs/cluster.md)
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    from harness import merge
+    p = sub.add_parser("merge", help="one run JSON from the shard runs of one sweep",
+                       description="Merge the run JSONs of one sweep's shards (pytest --shard I/N, harness launch).")
+    merge.add_arguments(p)
+    p.set_defaults(func=merge.run)
+
+
+def _add_launch(sub: argparse._SubParsersAction) -> None:
+    from harness import launch
+    p = sub.add_parser("launch", help="run a benchmark in N shards on SLURM, Ray or this machine, then merge",
+                       description="One job per shard (submitit: slurm, local; or Ray), retries, then the merge. "
+                                   "Exit 0 all passed, 1 tests failed, 2 bad input, 3 shards failed.")
+    launch.add_arguments(p)
+    p.set_defaults(func=launch.run)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_report,
     _add_leaderboard,
     _add_compare,
     _add_export,
     _add_mine_hard,
+    _add_merge,
+    _add_launch,
 ]
 
 

@@ -165,6 +165,24 @@ def writable_dir(raw: str) -> str:
     return str(path)
 
 
+def shard(raw: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N): shard I (1-based) of N (harness/sharding.py)."""
+    try:
+        i, n = (int(p) for p in str(raw).split("/"))
+    except ValueError:
+        raise OptionError("expected I/N such as 1/3 (shard I of N, I from 1)") from None
+    if n < 1 or not 1 <= i <= n:
+        raise OptionError(f"I must be between 1 and N, and N >= 1 (e.g. 1/{max(n, 1)})")
+    return i, n
+
+
+def run_json_file(raw: str) -> str:
+    """An existing file (its content is read, and checked, where it is used)."""
+    if not Path(raw).expanduser().is_file():
+        raise OptionError("no such file; pass an earlier run JSON (reports/run-<id>.json or a merged sweep)")
+    return str(Path(raw).expanduser())
+
+
 # --- the table ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Opt:
@@ -268,6 +286,13 @@ OPTIONS: tuple[Opt, ...] = (
         "over the window)", metavar="W1,W2", type=list),
     Opt("sweep_facts", integer(1, allow_all=True), 3, "layer sweep: known cases edited at every layer, N >= 1 or all",
         type=int | None),
+    # sharding over machines (harness/sharding.py, harness launch, docs/cluster.md)
+    Opt("shard", shard, None, "run shard I of N (1-based) of the collected tests: stable across machines, groups "
+        "kept together", metavar="I/N", type=tuple | None),
+    Opt("shard_durations", run_json_file, [], "balance the shards by the test durations in earlier run JSONs "
+        "(repeatable); without, by count", kind="append", metavar="RUN.json", type=list),
+    Opt("sweep_id", text, None, "the sweep a shard belongs to, stored in its run JSON for harness merge (default: "
+        "derived from the collected tests and N)", env="HARNESS_SWEEP_ID", metavar="ID", type=str | None),
     # thresholds the suites assert (harness.thresholds.Thresholds)
     _t("collapse_ratio", "collapse_ppl_ratio", 2.0, "perplexity ratio (after / before) counted as collapse",
        number(0.0, exclusive=True)),
@@ -356,6 +381,12 @@ def _parse_one(opt: Opt, raw: str, root: Path) -> Any:
         return opt.parse(raw)
     except OptionError as e:
         raise pytest.UsageError(f"{opt.flag} {raw}: {e}") from None
+
+
+def value(config: pytest.Config, dest: str) -> Any:
+    """One option's parsed value (command line, ini, environment, default), for plugins that need only theirs."""
+    opt = next(o for o in OPTIONS if o.dest == dest)
+    return _parse(opt, _raw(config, opt), Path(config.rootpath))
 
 
 def read_values(config: pytest.Config) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from .session import HarnessSession, ModelUnavailable
 from .thresholds import Thresholds
 from .timing import PhaseTimer
 
+pytest_plugins = ["harness.sharding"]    # --shard I/N (docs/cluster.md)
 RECORD_KEY = "harness_record"
 _SESSION = pytest.StashKey[HarnessSession]()
 _RUN = pytest.StashKey[BenchmarkRun]()
