@@ -86,10 +86,12 @@ class TfidfIndex:
                 rows.append(r)
                 cols.append(self.vocab[w])
                 vals.append(float(c))
-        m = torch.sparse_coo_tensor(torch.tensor([rows, cols]), torch.tensor(vals), (n, len(self.vocab)))
+        m = torch.sparse_coo_tensor(torch.tensor([rows, cols]), torch.tensor(vals), (n, len(self.vocab)),
+                                    check_invariants=True)
         m = (m.coalesce() * self.idf).coalesce()                                                  # [N, V]
         norms = torch.zeros(n).index_add_(0, m.indices()[0], m.values() ** 2).sqrt().clamp(min=1e-12)
-        self.matrix = torch.sparse_coo_tensor(m.indices(), m.values() / norms[m.indices()[0]], m.shape)
+        self.matrix = torch.sparse_coo_tensor(m.indices(), m.values() / norms[m.indices()[0]], m.shape,
+                                              check_invariants=True)
 
     def vector(self, text: str) -> torch.Tensor:
         v = torch.zeros(len(self.vocab))

@@ -90,6 +90,7 @@ class LoRA(Editor):
                             layers_to_transform=[int(x) for x in hp.layers] or None)
         self._lm = lm
         self._tuner = LoraModel(lm.model, config, "default")          # injects the adapters in place
+        lm.model.train(lm.model.training)        # new adapter modules start in train mode: follow the model (eval)
         for p in lm.model.parameters():                                # the base stays frozen (harness contract)
             p.requires_grad_(False)
 
