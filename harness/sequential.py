@@ -115,6 +115,9 @@ class SequentialRun:
                                       default=str).encode()).hexdigest()[:12]
         self.journal = Path(journal_dir) / f"{editor.name}-{key}.jsonl"
         self.checkpoint = self.journal.with_suffix(".pt")
+        # an in-context editor's prefix after the latest edit (IKE): every score and perplexity of the stream reads
+        # the model through it; the ``perplexity`` callback may read it here
+        self.prompt_prefix = ""
 
     # --- journal ---------------------------------------------------------------------------------------
     def _load_journal(self) -> list[dict]:
@@ -149,6 +152,7 @@ class SequentialRun:
         try:
             steps = self._load_journal()
             result.resumed_from = len(steps)
+            self.prompt_prefix = steps[-1].get("prompt_prefix", "") if steps else ""
             if not steps:
                 self.journal.write_text("")
             n_edits = sum(len(s["case_ids"]) for s in steps)
@@ -159,6 +163,7 @@ class SequentialRun:
                 with timer.phase("edit"):
                     edit = editor.apply(lm, batch)
                 n_edits += len(batch)
+                self.prompt_prefix = edit.prompt_prefix
                 with timer.phase("evaluate"):
                     scores = [counterfact_metrics(lm.model, lm.tokenizer, c, prefix=edit.prompt_prefix)
                               for c in batch]
@@ -170,6 +175,8 @@ class SequentialRun:
                         "efficacy": [s["efficacy_success"] for s in scores],
                         "paraphrase": [s["paraphrase_success"] for s in scores],
                         "norms": layer_norms(original, lm.model), "edit_seconds": edit.seconds}
+                if edit.prompt_prefix:
+                    step["prompt_prefix"] = edit.prompt_prefix
                 steps.append(step)
                 with self.journal.open("a") as f:    # the record first, then the weights it describes
                     f.write(json.dumps(step) + "\n")
@@ -179,7 +186,7 @@ class SequentialRun:
             result.steps = steps
             with timer.phase("evaluate_final"):
                 for c in self.cases:
-                    m = counterfact_metrics(lm.model, lm.tokenizer, c)
+                    m = counterfact_metrics(lm.model, lm.tokenizer, c, prefix=self.prompt_prefix)
                     result.final[c.case_id] = {k: m[k] for k in ("efficacy_success", "paraphrase_success",
                                                                  "neighborhood_success")}
         finally:

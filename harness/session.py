@@ -146,9 +146,10 @@ class HarnessSession:
             raise ValueError(f"--sweep-layers: {e}") from None
 
     # --- references measured once on the unedited model -----------------------------------------------------
-    def perplexity(self) -> PerplexityResult:
-        """Perplexity of the model as it is now on the session's perplexity texts."""
-        return perplexity(self.lm.model, self.lm.tokenizer, self.ppl_texts())
+    def perplexity(self, prefix: str = "") -> PerplexityResult:
+        """Perplexity of the model as it is now on the session's perplexity texts (each after ``prefix``: an
+        in-context editor's prompt prefix)."""
+        return perplexity(self.lm.model, self.lm.tokenizer, self.ppl_texts(), prefix=prefix)
 
     def base_perplexity(self) -> PerplexityResult:
         """Perplexity of the unedited model, computed once per session."""

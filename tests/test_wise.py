@@ -137,3 +137,20 @@ def test_state_resumes_the_side_memories_exactly(tiny_llama, builtin_cases):
 def test_bad_schedule_is_a_clear_error(tiny_llama):
     with pytest.raises(ValueError, match="multiple of save_freq"):
         build_editor("wise", tiny_llama, ["layer=2", "save_freq=3", "merge_freq=4"])
+
+
+def test_training_runs_only_the_layers_above_and_matches_the_full_model(tiny_llama, builtin_cases):
+    from harness.editors.wise import UpperLayers
+    wise = build_editor("wise", tiny_llama, HP)
+    ids, mask, _ = wise.rows(tiny_llama, builtin_cases[0])
+    upper = UpperLayers(tiny_llama, 2)
+    assert upper.available
+    body = tiny_llama.model.base_model
+    with torch.no_grad():
+        full = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        h = upper.residual(ids, mask)
+        with upper.sliced():
+            assert len(body.layers) == 2
+            part = body(inputs_embeds=h, attention_mask=mask, use_cache=False).last_hidden_state
+    assert len(body.layers) == 4
+    assert torch.allclose(part, full, atol=1e-6, rtol=0)

@@ -145,6 +145,7 @@ class GRACE(Editor):
     name = "grace"
     Hparams = GraceHparams
     supports_batch = False
+    objectives = ("rewrite", "amplify", "erase")    # not "force": the edit keys on the clean prompt
 
     def __init__(self, hparams: GraceHparams, *, stats=None):
         super().__init__(hparams, stats=stats)

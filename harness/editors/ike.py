@@ -111,6 +111,7 @@ class IKE(Editor):
     name = "ike"
     Hparams = IkeHparams
     supports_batch = True
+    objectives = ("rewrite", "amplify")    # stating a fact in context can write or reinforce it, not erase it
 
     def __init__(self, hparams: IkeHparams, *, stats=None):
         super().__init__(hparams, stats=stats)
@@ -169,8 +170,8 @@ class IKE(Editor):
         self.facts, self.demos = list(state.get("facts", [])), list(state.get("demos", []))
 
     def apply(self, lm: LoadedModel, cases: Sequence[EditCase]) -> Edit:
-        if any(c.objective != "rewrite" for c in cases):
-            bad = next(c.objective for c in cases if c.objective != "rewrite")
+        if any(c.objective not in self.objectives for c in cases):
+            bad = next(c.objective for c in cases if c.objective not in self.objectives)
             raise ValueError(f"IKE states a new fact in context; the {bad!r} editing problem does not apply to it")
         t0 = time.perf_counter()
         before = (list(self.facts), list(self.demos))

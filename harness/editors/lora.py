@@ -64,6 +64,7 @@ class LoRA(Editor):
     name = "lora"
     Hparams = LoraHparams
     supports_batch = True
+    objectives = ("rewrite", "amplify", "erase")    # not "force": the edit keys on the clean prompt
 
     def __init__(self, hparams: LoraHparams, *, stats=None):
         super().__init__(hparams, stats=stats)

@@ -47,6 +47,7 @@ Reference: zjunlp/EasyEdit ``easyeditor/models/wise/WISE.py`` (router, losses, s
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -63,6 +64,7 @@ from .base import Edit, Editor, register_editor
 from .common import ContextTemplates, objective_loss
 
 LONG_SEQUENCE = 100          # longer sequences are routed on their largest token distance (reference: infer mode)
+SLICEABLE = ("llama", "mistral", "qwen2", "qwen3")   # bodies that walk a ``layers`` list from ``inputs_embeds``
 
 
 @dataclass
@@ -183,11 +185,55 @@ class Router:
         return out
 
 
+class UpperLayers:
+    """The model body run from decoder layer ``layer`` up, for training a side memory at that layer: the layers
+    below never see W', so their output (the residual stream entering ``layer``) is computed once and each step
+    runs only the layers above. Exact for Llama-family bodies, which walk their ``layers`` list in order starting
+    from ``inputs_embeds`` (the residual stream); any other body runs whole (``available`` is False)."""
+
+    def __init__(self, lm: LoadedModel, layer: int):
+        self.body, self.layer = lm.model.base_model, layer
+        self.available = (lm.adapter.family in SLICEABLE and isinstance(getattr(self.body, "layers", None),
+                                                                        torch.nn.ModuleList))
+
+    @torch.no_grad()
+    def residual(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering ``layer`` [n, T, d] (one forward pass of the lower layers)."""
+        seen: dict = {}
+
+        def keep(_module, args, kwargs):
+            seen["h"] = args[0] if args else kwargs["hidden_states"]
+            raise _Stop
+
+        handle = self.body.layers[self.layer].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            self.body(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return seen["h"].detach()
+
+    @contextlib.contextmanager
+    def sliced(self):
+        full = self.body.layers
+        self.body.layers = torch.nn.ModuleList(list(full)[self.layer:])
+        try:
+            yield
+        finally:
+            self.body.layers = full
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the residual stream entering the side memory's layer is captured."""
+
+
 @register_editor
 class WISE(Editor):
     name = "wise"
     Hparams = WiseHparams
     supports_batch = False
+    objectives = ("rewrite", "amplify", "erase")    # not "force": the edit keys on the clean prompt
 
     def __init__(self, hparams: WiseHparams, *, stats=None):
         super().__init__(hparams, stats=stats)
@@ -391,38 +437,48 @@ class WISE(Editor):
         w = self.current.weight.to(lm.device).clone().requires_grad_(True)              # W'
         optimizer = torch.optim.SGD([w], lr=hp.edit_lr, weight_decay=hp.weight_decay)
         head, body = lm.model.get_output_embeddings(), lm.model.base_model
+        upper = UpperLayers(lm, hp.layer)
+        inputs = ({"inputs_embeds": upper.residual(ids, mask)} if upper.available else {"input_ids": ids})
         n_tpl = len(spans)
         rows = torch.arange(n_tpl, device=lm.device).repeat_interleave(torch.tensor([n for _, n in spans]))
         cols = torch.tensor([s - 1 + j for s, n in spans for j in range(n)], device=lm.device)
         gold = ids[rows, cols + 1]
-        valid = mask.bool()
-        losses: list[float] = []
         router.training = {"weight": w}
         try:
-            for it in range(hp.n_iter):
-                hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state                 # [n, T, d]
-                nll = F.cross_entropy(head(hidden[rows, cols]).float(), gold, reduction="none")     # [sum t]
-                per_row = torch.zeros(n_tpl, device=lm.device).index_add(0, rows, nll) / torch.tensor(
-                    [n for _, n in spans], device=lm.device)
-                orig, side = router.training["out"]
-                dist = router.distance(orig, side, valid, infer=False)                              # [n]
-                in_d, out_d = dist[:n_tpl], dist[n_tpl]
-                loss = objective_loss(per_row, case.objective) + self.activation_loss(in_d, out_d)
-                stop = (len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= 1e-4 and losses[-1] <= 0.02)
-                if stop or it == hp.n_iter - 1:
-                    break                       # (the reference's EarlyStopMeter, then its final step is skipped)
-                losses.append(loss.item())
-                optimizer.zero_grad()
-                loss.backward()
-                w.grad.mul_(self._mask)         # knowledge sharding: this shard's entries only
-                optimizer.step()
-                with torch.no_grad():
-                    w.copy_(torch.maximum(torch.minimum(w, w0 + hp.norm_constraint), w0 - hp.norm_constraint))
-            losses.append(loss.item())
+            with upper.sliced() if upper.available else contextlib.nullcontext():
+                losses, in_d, out_d = self._sgd(body, head, inputs, mask, w, w0, optimizer, rows, cols, gold,
+                                                spans, case)
         finally:
             router.training = None
         self.current.weight = w.detach()
         return [round(x, 4) for x in losses], float(in_d.detach().mean()), float(out_d.detach())
+
+    def _sgd(self, body, head, inputs, mask, w, w0, optimizer, rows, cols, gold, spans, case):
+        """The optimisation loop of ``train_shard``: (losses, in-scope distances [n], unrelated distance)."""
+        hp, router, n_tpl = self.hparams, self._router, len(spans)
+        n_tgt = torch.tensor([n for _, n in spans], device=w.device)
+        valid = mask.bool()
+        losses: list[float] = []
+        for it in range(hp.n_iter):
+            hidden = body(**inputs, attention_mask=mask, use_cache=False).last_hidden_state          # [n, T, d]
+            nll = F.cross_entropy(head(hidden[rows, cols]).float(), gold, reduction="none")         # [sum t]
+            per_row = torch.zeros(n_tpl, device=w.device).index_add(0, rows, nll) / n_tgt          # [n_tpl]
+            orig, side = router.training["out"]
+            dist = router.distance(orig, side, valid, infer=False)                                  # [n]
+            in_d, out_d = dist[:n_tpl], dist[n_tpl]
+            loss = objective_loss(per_row, case.objective) + self.activation_loss(in_d, out_d)
+            stop = len(losses) >= 2 and abs(losses[-1] - losses[-2]) <= 1e-4 and losses[-1] <= 0.02
+            if stop or it == hp.n_iter - 1:
+                break                           # (the reference's EarlyStopMeter; its final step is skipped)
+            losses.append(loss.item())
+            optimizer.zero_grad()
+            loss.backward()
+            w.grad.mul_(self._mask)             # knowledge sharding: this shard's entries only
+            optimizer.step()
+            with torch.no_grad():
+                w.copy_(torch.maximum(torch.minimum(w, w0 + hp.norm_constraint), w0 - hp.norm_constraint))
+        losses.append(loss.item())
+        return losses, in_d, out_d
 
     def _after_edit(self, lm: LoadedModel) -> bool:
         """Save the shard every ``save_freq`` edits; merge every ``merge_freq``. True when a merge happened."""

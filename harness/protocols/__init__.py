@@ -5,10 +5,10 @@ the session's state (model, statistics, references measured once) and returns th
 each metric, and information about the edit. It asserts nothing: verdicts are ``harness.thresholds``'."""
 from .base import Measurement
 from .downstream import correlation, downstream_edit
-from .localization import causal_trace, editing_problem, layer_sweep, sweep_unsupported
+from .localization import causal_trace, editing_problem, layer_sweep, problem_unsupported, sweep_unsupported
 from .locality import locality
 from .sequential import sequential
 from .single import counterfact, single_edit
 
 __all__ = ["Measurement", "causal_trace", "correlation", "counterfact", "downstream_edit", "editing_problem",
-           "layer_sweep", "locality", "sequential", "single_edit", "sweep_unsupported"]
+           "layer_sweep", "locality", "problem_unsupported", "sequential", "single_edit", "sweep_unsupported"]
