@@ -61,3 +61,9 @@ def load_pool(spec: str = "builtin", limit: int | None = None) -> list[PoolRecor
         raise PoolError(f"pool {path}: expected a non-empty JSON list of records")
     data = data[:limit] if limit else data
     return [_record(rec, f"pool {path}, record {i}") for i, rec in enumerate(data)]
+
+
+def default_train_pool(data_dir: str | Path | None = None) -> str:
+    """``--train-pool auto``: CounterFact's EasyEdit train split when the data dir holds it, else ``builtin``."""
+    path = Path(data_dir) / "counterfact" / "counterfact_easyedit_train.json" if data_dir else None
+    return str(path) if path is not None and path.exists() else "builtin"

@@ -126,8 +126,16 @@ def summary_table(records: list[dict], editors: list[str]) -> dict:
             "edits_to_collapse": min((c for c in collapse if c is not None), default=None),
             "phases": [mean(timings(r).get(p) for r in active) for p in phases],
             "memory": _peak_memory(active),
+            "perplexity": _ppl_protocols(active),
         })
     return {"metric_names": list(KEY_METRICS.values()), "phases": phases, "rows": rows}
+
+
+def _ppl_protocols(records: list[dict]) -> str:
+    """How the editor's perplexity after editing was measured (an in-context editor's is read after its prefix)."""
+    seen = dict.fromkeys(p for r in records for k in ("ppl_ratio", "ppl_curve")
+                         if isinstance(p := (r.get("protocols") or {}).get(k), str))
+    return "; ".join(seen)
 
 
 def _peak_memory(records: list[dict]) -> str | None:
