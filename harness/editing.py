@@ -23,16 +23,35 @@ def checked_parameters(lm: LoadedModel, editor: Editor) -> list[str]:
     return editor.edited_parameters(lm) if type(editor).apply is Editor.apply else []
 
 
+def structure(lm: LoadedModel) -> list[tuple]:
+    """The model as an editor that adds instead of writing must leave it: every module's name, class and number
+    of forward (pre-)hooks, and every parameter's name, storage and version counter (which any in-place write
+    bumps). Cheap: no tensor is read."""
+    return ([(n, type(m).__name__, len(m._forward_hooks), len(m._forward_pre_hooks))
+             for n, m in lm.model.named_modules()]
+            + [(n, p.data_ptr(), p._version) for n, p in lm.model.named_parameters()])
+
+
 @contextlib.contextmanager
-def unchanged(lm: LoadedModel, names: Sequence[str], what: str) -> Iterator[None]:
+def unchanged(lm: LoadedModel, names: Sequence[str], what: str, hooks: bool = False) -> Iterator[None]:
     """On exit (also on an error), raise :class:`RestoreError` if the parameters ``names`` are not bit-identical
-    to what they were on entry. Used around a single edit and around a whole sequential stream."""
+    to what they were on entry, or (``hooks``: an editor that hooks modules, wraps them or edits prompts) if the
+    model's :func:`structure` changed: a hook, adapter or write left behind. Used around a single edit and around
+    a whole sequential stream."""
     before = param_digest(lm.model, list(names)) if names else None
+    shape = structure(lm) if hooks else None
     try:
         yield
     finally:
         if before is not None and param_digest(lm.model, list(names)) != before:
             raise RestoreError(f"restore after {what} was not bit-exact for {list(names)}")
+        if shape is not None and structure(lm) != shape:
+            raise RestoreError(f"after {what} the model still holds a hook, an adapter or a written parameter")
+
+
+def adds_instead_of_writing(editor: Editor) -> bool:
+    """An editor that overrides ``apply`` (hooks, adapters, prompt prefixes): checked by :func:`structure`."""
+    return type(editor).apply is not Editor.apply
 
 
 @contextlib.contextmanager
@@ -41,7 +60,7 @@ def edited(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], timer: Ph
     """Apply ``editor`` to ``cases`` (timed as "edit") and yield the :class:`Edit`; on exit restore the model and
     reset the editor (timed as "restore"), then check the restore by digest."""
     timer = timer or PhaseTimer(lm.device)
-    with unchanged(lm, checked_parameters(lm, editor), editor.name):
+    with unchanged(lm, checked_parameters(lm, editor), editor.name, hooks=adds_instead_of_writing(editor)):
         edit = None
         try:
             with timer.phase("edit"):

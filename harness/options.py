@@ -238,6 +238,9 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("stats_corpus", text, "auto", "text for key statistics: auto (WikiText with a data dir, else builtin)",
         type=str),
     Opt("stats_tokens", integer(1), 100_000, "tokens for the keys' second-moment statistics", type=int),
+    Opt("train_pool", text, "auto", "training edits for in-context demonstrations (ike) and unrelated rows (wise): "
+        "auto (CounterFact's EasyEdit train split with a data dir, else builtin), builtin, or a train JSON",
+        type=str),
     Opt("cache_dir", text, None, "cache for de-quantized models and statistics (default ~/.cache/knowedit-harness)",
         env="HARNESS_CACHE_DIR", type=str | None),
     Opt("hparam", text, [], "override a hyper-parameter, e.g. --hparam rome.layer=6 (repeatable)", kind="append",

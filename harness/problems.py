@@ -124,11 +124,13 @@ def problem_case(case: EditCase, problem: str, tracer: CausalTracer, seed: int =
 
 # --- scoring ------------------------------------------------------------------------------------------------
 def target_probs(lm: LoadedModel, prompts: Sequence[str], target: str, *, subject: str | None = None,
-                 tracer: CausalTracer | None = None) -> list[float]:
-    """Per-token-averaged P(target | prompt) for each prompt. With ``tracer`` and ``subject``, prompts holding the
-    subject are scored with the subject's embeddings noised (mean over the tracer's noise draws)."""
+                 tracer: CausalTracer | None = None, prefix: str = "") -> list[float]:
+    """Per-token-averaged P(target | prompt) for each prompt (after an in-context editor's ``prefix``). With
+    ``tracer`` and ``subject``, prompts holding the subject are scored with the subject's embeddings noised (mean
+    over the tracer's noise draws)."""
     if tracer is None or subject is None:
-        return [s.prob for s in score_targets(lm.model, lm.tokenizer, list(prompts), [target] * len(prompts))]
+        return [s.prob for s in score_targets(lm.model, lm.tokenizer, list(prompts), [target] * len(prompts),
+                                              prefix=prefix)]
     out = []
     for p in prompts:
         if subject not in p:
@@ -161,12 +163,13 @@ class ProblemProbs:
     neighborhood: list[float]
 
 
-def problem_probs(lm: LoadedModel, case: EditCase, tracer: CausalTracer | None) -> ProblemProbs:
-    """P(edit target) on the rewrite, paraphrase and neighbourhood prompts (noised subject for "force")."""
+def problem_probs(lm: LoadedModel, case: EditCase, tracer: CausalTracer | None, prefix: str = "") -> ProblemProbs:
+    """P(edit target) on the rewrite, paraphrase and neighbourhood prompts (noised subject for "force"; after an
+    in-context editor's ``prefix``)."""
     noisy = tracer if case.objective == "force" else None
     groups = [[case.rewrite_prompt], list(case.paraphrase_prompts), list(case.neighborhood_prompts)]
-    return ProblemProbs(*(target_probs(lm, g, case.target_new, subject=case.subject, tracer=noisy) if g else []
-                          for g in groups))
+    return ProblemProbs(*(target_probs(lm, g, case.target_new, subject=case.subject, tracer=noisy, prefix=prefix)
+                          if g else [] for g in groups))
 
 
 def problem_scores(pre: ProblemProbs, post: ProblemProbs, erase: bool) -> dict[str, float | None]:
@@ -189,11 +192,22 @@ def run_problem(lm: LoadedModel, case: EditCase, problem: str, tracer: CausalTra
     request = problem_case(case, problem, tracer, seed=seed)
     pre = problem_probs(lm, request, tracer)
     with edited(request) as edit:
-        post = problem_probs(lm, request, tracer)
+        post = problem_probs(lm, request, tracer, prefix=getattr(edit, "prompt_prefix", ""))
     metrics = problem_scores(pre, post, erase=request.objective == "erase")
     info = {"problem": problem, "objective": request.objective, "target": request.target_new,
             "target_true": case.target_true, **(getattr(edit, "info", None) or {})}
     return metrics, info
+
+
+def problem_unsupported(editor, problem: str) -> str | None:
+    """Why ``editor`` cannot be asked ``problem`` (its ``objectives``, when it declares them, lack the problem's
+    objective: e.g. IKE states facts in context and cannot erase one), or None."""
+    allowed = getattr(editor, "objectives", None)
+    objective = OBJECTIVE.get(problem, "rewrite")
+    if allowed is None or objective in allowed:
+        return None
+    return (f"editor {editor.name!r} supports the objectives {', '.join(allowed)}; {problem} needs "
+            f"{objective!r}")
 
 
 # --- the layer sweep ---------------------------------------------------------------------------------------

@@ -227,6 +227,9 @@ class SequentialRun:
         self.journal = Path(journal_dir) / f"{editor.name}-{self.key[:12]}.jsonl"
         self.checkpoint = self.journal.with_suffix(".pt")
         self.lock = JournalLock(self.journal)
+        # an in-context editor's prefix after the latest edit (IKE): every score and perplexity of the stream reads
+        # the model through it; the ``perplexity`` callback may read it here
+        self.prompt_prefix = ""
 
     # --- checkpoint: the saved state, whole or refused -----------------------------------------------------
     def _refuse(self, path: Path, problem: str) -> ResumeError:
@@ -365,6 +368,7 @@ class SequentialRun:
         lines = self._start(names)
         result = SequentialResult(ppl_base=self.ppl_base, resumed_from=len(lines))
         steps = [json.loads(line) for line in lines]
+        self.prompt_prefix = steps[-1].get("prompt_prefix", "") if steps else ""
         n_edits = sum(len(s["case_ids"]) for s in steps)
         from tqdm.auto import tqdm
         bar = tqdm(total=len(self.batches), initial=len(steps), desc=f"sequential {editor.name}",
@@ -373,6 +377,7 @@ class SequentialRun:
             with timer.phase("edit"):
                 edit = editor.apply(lm, batch)
             n_edits += len(batch)
+            self.prompt_prefix = edit.prompt_prefix
             with timer.phase("evaluate"):
                 scores = [counterfact_metrics(lm.model, lm.tokenizer, c, prefix=edit.prompt_prefix) for c in batch]
             ppl = None
@@ -383,6 +388,8 @@ class SequentialRun:
                     "efficacy": [s["efficacy_success"] for s in scores],
                     "paraphrase": [s["paraphrase_success"] for s in scores],
                     "norms": layer_norms(original, lm.model), "edit_seconds": edit.seconds}
+            if edit.prompt_prefix:
+                step["prompt_prefix"] = edit.prompt_prefix
             line = json.dumps(step)
             steps.append(json.loads(line))       # the record as a resumed run reads it back
             lines.append(line)
@@ -395,7 +402,7 @@ class SequentialRun:
         result.l1_after = total_l1(weight_norms(lm.model, names))
         with timer.phase("evaluate_final"):
             for c in self.cases:
-                m = counterfact_metrics(lm.model, lm.tokenizer, c)
+                m = counterfact_metrics(lm.model, lm.tokenizer, c, prefix=self.prompt_prefix)
                 result.final[c.case_id] = {k: m[k] for k in ("efficacy_success", "paraphrase_success",
                                                              "neighborhood_success")}
         return result

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import EditCase, default_ppl_corpus, default_stats_corpus, load_cases, load_texts, resolve_data_dir
+from .data.pool import default_train_pool
 from .editors import Editor, build_editor
 from .metrics import perplexity
 from .metrics.perplexity import PerplexityResult
@@ -88,8 +89,11 @@ class HarnessSession:
         return self._editors[name]
 
     def new_editor(self, name: str) -> Editor:
-        """A fresh, unprepared instance of editor ``name`` with the run's hyper-parameters, owned by the caller."""
-        return build_editor(name, self.lm, self.options.hparams, stats=self.stats)
+        """A fresh, unprepared instance of editor ``name`` with the run's hyper-parameters, owned by the caller.
+        Editors with a ``pool`` (IKE, WISE) get ``--train-pool`` unless ``--hparam`` names one."""
+        pool = self.options.train_pool
+        pool = default_train_pool(self.options.data_dir) if pool == "auto" else pool
+        return build_editor(name, self.lm, [f"pool={pool}", *self.options.hparams], stats=self.stats)
 
     def machine(self) -> dict[str, Any]:
         """Machine facts for the run JSON, read once per session (on a GPU this runs nvidia-smi)."""
@@ -157,9 +161,10 @@ class HarnessSession:
             raise ValueError(f"--sweep-layers: {e}") from None
 
     # --- references measured once on the unedited model -----------------------------------------------------
-    def perplexity(self) -> PerplexityResult:
-        """Perplexity of the model as it is now on the session's perplexity texts."""
-        return perplexity(self.lm.model, self.lm.tokenizer, self.ppl_texts())
+    def perplexity(self, prefix: str = "") -> PerplexityResult:
+        """Perplexity of the model as it is now on the session's perplexity texts (each after ``prefix``: an
+        in-context editor's prompt prefix)."""
+        return perplexity(self.lm.model, self.lm.tokenizer, self.ppl_texts(), prefix=prefix)
 
     def base_perplexity(self) -> PerplexityResult:
         """Perplexity of the unedited model, computed once per session."""

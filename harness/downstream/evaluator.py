@@ -103,8 +103,10 @@ class DownstreamEvaluator:
                               device=str(self.lm.device))
         return self._hflm
 
-    def evaluate(self, tasks: Sequence[str], limit: int | None) -> dict[str, TaskScore]:
-        """Score the model as it is now on ``tasks`` (first ``limit`` examples of each; None: all)."""
+    def evaluate(self, tasks: Sequence[str], limit: int | None, prefix: str = "") -> dict[str, TaskScore]:
+        """Score the model as it is now on ``tasks`` (first ``limit`` examples of each; None: all). ``prefix`` (an
+        in-context editor's prompt prefix) goes before every request as lm-eval's system instruction (lm-eval puts
+        the task's few-shot delimiter between it and the task's own prompt)."""
         from lm_eval import evaluator
         from lm_eval.tasks import TaskManager
 
@@ -114,7 +116,8 @@ class DownstreamEvaluator:
                          metadata={"data_dir": str(self.data_dir) if self.data_dir else None})
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         res = evaluator.simple_evaluate(model=self._model(), tasks=list(tasks), limit=limit, task_manager=tm,
-                                        bootstrap_iters=100, log_samples=False)
+                                        bootstrap_iters=100, log_samples=False,
+                                        system_instruction=prefix or None)
         out = {}
         for t in tasks:
             r = res["results"][t]

@@ -198,6 +198,7 @@ class ValueOpt:
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2
+    most_probable_stop: bool = False    # ENCORE's MPES: stop once every target token is the argmax in every prompt
 
 
 def _split_at_subject(tok, texts: Sequence[str], lookup: Sequence[int], device):
@@ -331,7 +332,7 @@ def optimize_value(lm: LoadedModel, case: EditCase, module_name: str, templates:
 
     module = model.get_submodule(module_name)
     delta = init_kl = optimizer = None
-    losses = []
+    losses, most_probable = [], []
     for it in range(opt.steps):
         if delta is None:   # created once the module's output width is known (the first forward pass)
             with torch.no_grad(), capture_io(module) as io:
@@ -355,9 +356,12 @@ def optimize_value(lm: LoadedModel, case: EditCase, module_name: str, templates:
         wd = opt.weight_decay * (delta.norm() / v_init.norm() ** 2)
         loss = nll_loss + kl_loss + wd
         losses.append(round(loss.item(), 4))
+        if opt.most_probable_stop:          # MPES (Gupta et al., 2025): the current delta makes target_new top-1
+            most_probable.append(bool((logp.argmax(-1) == tgt_ids).all()))
         # the early stop is an NLL threshold (P(target) ~ 0.95); an erasure's -log(1 - p) starts below it when p is
         # already small, so erasure runs every step
-        if (objective != "erase" and loss.item() < opt.early_stop_loss) or it == opt.steps - 1:
+        if ((objective != "erase" and loss.item() < opt.early_stop_loss) or it == opt.steps - 1
+                or (most_probable and most_probable[-1] and objective != "erase")):
             break
         optimizer.zero_grad()
         loss.backward()
@@ -371,4 +375,6 @@ def optimize_value(lm: LoadedModel, case: EditCase, module_name: str, templates:
             "v_init_norm": v_init.norm().item()}
     if objective != "rewrite":
         info["objective"] = objective
+    if opt.most_probable_stop:
+        info["most_probable"] = most_probable
     return v_star, v_init.detach(), info

@@ -5,6 +5,10 @@ Protocol "me-ppl": per-sentence perplexity exp(mean NLL over the sentence's pred
 sentences (the collapse paper's ME-PPL code; tokenizer defaults, so no BOS for models whose tokenizer adds none).
 Also "token-weighted": exp(total NLL / total predicted tokens). Full-vocabulary logits are computed for at most
 ``chunk`` positions at a time, so long texts never hold a [T, V] matrix.
+
+With a ``prefix`` (an in-context editor's demonstrations and new facts, e.g. IKE), each text is scored after the
+prefix: the prefix's tokens are context only, and the predicted tokens are the same as without it (the text's
+second token on), so the numbers compare with the unprefixed model's ("me-ppl after the prompt prefix").
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import torch.nn.functional as F
 from ..tokens import pad_batch, token_budget_batches
 
 PROTOCOLS = {"ppl": "me-ppl (mean of per-sentence perplexity)", "ppl_token": "token-weighted perplexity"}
+PREFIXED = ("each text after the in-context editor's prompt prefix (prefix tokens are context, not scored; the "
+            "same tokens are predicted as without it)")
 
 
 @dataclass
@@ -30,19 +36,23 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(model, tok, texts: Sequence[str], *, max_tokens_per_batch: int = 4096, max_len: int = 1024,
-               chunk: int = 1024) -> PerplexityResult:
+               chunk: int = 1024, prefix: str = "") -> PerplexityResult:
     head, body = model.get_output_embeddings(), model.base_model
     device = next(model.parameters()).device
     encoded = [tok(t).input_ids[:max_len] for t in texts]
+    p_ids = tok(prefix).input_ids if prefix else []
+    P = len(p_ids)
     order = sorted((i for i in range(len(encoded)) if len(encoded[i]) >= 2), key=lambda i: len(encoded[i]))
     if not order:
         raise ValueError("perplexity needs texts of at least two tokens")
     nll_sum = [0.0] * len(encoded)
-    for batch in token_budget_batches([len(encoded[i]) for i in order], max_tokens_per_batch):
+    for batch in token_budget_batches([P + len(encoded[i]) for i in order], max_tokens_per_batch):
         idx = [order[b] for b in batch]          # similar lengths together (sorted): little padding
-        ids, mask = pad_batch([encoded[i] for i in idx], tok.pad_token_id, device=device)
-        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state        # [b, T, d]
+        ids, mask = pad_batch([p_ids + encoded[i] for i in idx], tok.pad_token_id, device=device)
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state        # [b, P + T, d]
         pred_mask = mask[:, 1:].bool()                                            # positions with a next token
+        pred_mask[:, :P] = False                 # the prefix predicts nothing (nor does its last token: the
+                                                 # text's first token is not scored without a prefix either)
         h = hidden[:, :-1][pred_mask]                                             # [N, d]
         gold = ids[:, 1:][pred_mask]                                              # [N]
         row_of = torch.arange(len(idx), device=device)[:, None].expand_as(pred_mask)[pred_mask]

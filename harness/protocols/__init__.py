@@ -6,11 +6,11 @@ each metric, and information about the edit. It asserts nothing: verdicts are ``
 from .base import Measurement
 from .diversity import diversity, diversity_summary
 from .downstream import correlation, downstream_edit
-from .localization import causal_trace, editing_problem, layer_sweep, sweep_unsupported
+from .localization import causal_trace, editing_problem, layer_sweep, problem_unsupported, sweep_unsupported
 from .locality import locality
 from .sequential import sequential
 from .single import counterfact, single_edit
 
 __all__ = ["Measurement", "causal_trace", "correlation", "counterfact", "diversity", "diversity_summary",
-           "downstream_edit", "editing_problem", "layer_sweep", "locality", "sequential", "single_edit",
-           "sweep_unsupported"]
+           "downstream_edit", "editing_problem", "layer_sweep", "locality", "problem_unsupported", "sequential",
+           "single_edit", "sweep_unsupported"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..downstream import StateSeries, downstream_metrics
-from ..editing import checked_parameters, edited, unchanged
+from ..editing import adds_instead_of_writing, checked_parameters, edited, unchanged
 from ..sequential import SequentialRun
 from ..timing import PhaseTimer
 from .base import Measurement
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 PROTOCOL = "lm-eval {metric} on the first {limit} examples, zero-shot, harness/downstream/tasks"
 CORRELATION = "over the edited states of a sequential run on the hard cases (state 0: base)"
+PREFIXED = ", after the edit: the in-context editor's prompt prefix as lm-eval's system instruction"
 
 
 def downstream_edit(session: HarnessSession, editor: Editor, case: EditCase, timer: PhaseTimer) -> Measurement:
@@ -27,9 +28,10 @@ def downstream_edit(session: HarnessSession, editor: Editor, case: EditCase, tim
     evaluator, o = session.downstream, session.options
     with timer.phase("downstream_base"):
         before = evaluator.base(o.downstream_tasks, o.downstream_limit)
-    with edited(session.lm, editor, [case], timer), timer.phase("downstream"):
-        after = evaluator.evaluate(o.downstream_tasks, o.downstream_limit)
+    with edited(session.lm, editor, [case], timer) as edit, timer.phase("downstream"):
+        after = evaluator.evaluate(o.downstream_tasks, o.downstream_limit, prefix=edit.prompt_prefix)
     protocols = {f"downstream_{t}_{w}": PROTOCOL.format(metric=s.metric, limit=o.downstream_limit or "all")
+                 + (PREFIXED if edit.prompt_prefix and w != "before" else "")
                  for t, s in before.items() for w in ("before", "after", "drop")}
     info = {"edited_case": case.case_id, "chance": {t: s.chance for t, s in before.items()},
             "examples": {t: s.n for t, s in before.items()}}
@@ -49,9 +51,9 @@ def state_series(session: HarnessSession, editor: Editor, cases: Sequence[EditCa
 
     def probe() -> float:
         with timer.phase("perplexity"):
-            ppl = session.perplexity().mean_ppl
+            ppl = session.perplexity(prefix=run.prompt_prefix).mean_ppl
         with timer.phase("downstream"):
-            scores = evaluator.evaluate(o.downstream_tasks, o.downstream_limit)
+            scores = evaluator.evaluate(o.downstream_tasks, o.downstream_limit, prefix=run.prompt_prefix)
         series.add(len(series.states), ppl, {t: s.value for t, s in scores.items()})
         return ppl
 
@@ -59,7 +61,8 @@ def state_series(session: HarnessSession, editor: Editor, cases: Sequence[EditCa
     run = SequentialRun(lm, editor, cases, perplexity=probe, ppl_base=series.states[0]["ppl"],
                         journal_dir=Path(o.report_dir) / "correlation", batch_size=1, ppl_schedule="every",
                         resume=False, progress=o.progress)
-    with unchanged(lm, checked_parameters(lm, editor), f"the correlation run of {editor.name}"):
+    with unchanged(lm, checked_parameters(lm, editor), f"the correlation run of {editor.name}",
+                   hooks=adds_instead_of_writing(editor)):
         run.run(inner)
     for k, v in inner.seconds.items():
         if k != "perplexity":

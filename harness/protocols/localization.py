@@ -59,6 +59,11 @@ def layer_sweep(session: HarnessSession, editor_name: str, window: int, timer: P
     return Measurement(result.metrics(), dict(SWEEP), info)
 
 
+def problem_unsupported(editor: Editor, problem: str) -> str | None:
+    """Why ``editor`` cannot be asked ``problem`` (an objective it does not support), or None."""
+    return problems.problem_unsupported(editor, problem)
+
+
 def editing_problem(session: HarnessSession, editor: Editor, case: EditCase, problem: str, timer: PhaseTimer
                     ) -> Measurement:
     """One of Hase et al.'s five editing problems for ``case``: rewrite, paraphrase and neighbourhood scores and

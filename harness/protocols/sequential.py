@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..editing import checked_parameters, unchanged
-from ..metrics.perplexity import PROTOCOLS as PPL
+from ..editing import adds_instead_of_writing, checked_parameters, unchanged
+from ..metrics.perplexity import PREFIXED, PROTOCOLS as PPL
 from ..sequential import SequentialRun
 from .base import Measurement
 
@@ -28,12 +28,19 @@ def sequential(session: HarnessSession, editor: Editor, cases: Sequence[EditCase
                ) -> Measurement:
     """Perplexity curve, edits to collapse (``--collapse-ratio``), immediate and final efficacy, norm growth."""
     o, lm = session.options, session.lm
-    run = SequentialRun(lm, editor, cases, perplexity=lambda: session.perplexity().mean_ppl,
+    run = SequentialRun(lm, editor, cases,
+                        perplexity=lambda: session.perplexity(prefix=run.prompt_prefix).mean_ppl,
                         ppl_base=session.base_perplexity().mean_ppl,
                         journal_dir=Path(o.report_dir) / "sequential", batch_size=o.batch_size,
                         ppl_schedule=o.ppl_schedule, resume=o.resume, progress=o.progress)
-    with unchanged(lm, checked_parameters(lm, editor), f"the sequential run of {editor.name}"):
+    with unchanged(lm, checked_parameters(lm, editor), f"the sequential run of {editor.name}",
+                   hooks=adds_instead_of_writing(editor)):
         result = run.run(timer)
     metrics = result.metrics(session.thresholds.collapse_ppl_ratio)
     info = {"resumed_from": result.resumed_from, "batch_size": o.batch_size, "ppl_schedule": o.ppl_schedule}
-    return Measurement(metrics, dict(PROTOCOLS), info)
+    protocols = dict(PROTOCOLS)
+    if run.prompt_prefix:            # an in-context editor: every score and perplexity after its growing prefix
+        protocols["ppl_curve"] += f", after each edit: {PREFIXED}"
+        for k in ("efficacy_immediate", "efficacy_final"):
+            protocols[k] += ", after the editor's prompt prefix"
+    return Measurement(metrics, protocols, info)

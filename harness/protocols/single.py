@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from ..editing import edited
 from ..metrics import counterfact_metrics
 from ..metrics.counterfact import PROTOCOLS as CF
-from ..metrics.perplexity import PROTOCOLS as PPL
+from ..metrics.perplexity import PREFIXED, PROTOCOLS as PPL
 from .base import Measurement
 
 if TYPE_CHECKING:
@@ -32,12 +32,13 @@ def single_edit(session: HarnessSession, editor: Editor, case: EditCase, timer: 
         with timer.phase("evaluate"):
             post = counterfact(session, case, edit)
         with timer.phase("perplexity"):
-            ppl = session.perplexity()
+            ppl = session.perplexity(prefix=edit.prompt_prefix)
     metrics = {**{f"{k}_pre": v for k, v in pre.items()}, **post,
                "ppl_before": base.mean_ppl, "ppl_after": ppl.mean_ppl, "ppl_ratio": ppl.mean_ppl / base.mean_ppl,
                "ppl_token_before": base.token_ppl, "ppl_token_after": ppl.token_ppl}
     ppl_protocol = f"{PPL['ppl']} on {session.ppl_corpus_name()}"
+    after = f", after the edit: {PREFIXED}" if edit.prompt_prefix else ""
     protocols = {**{f"{k}_pre": v for k, v in CF.items()}, **CF,
-                 **{k: ppl_protocol for k in ("ppl_before", "ppl_after", "ppl_ratio")},
-                 "ppl_token_before": PPL["ppl_token"], "ppl_token_after": PPL["ppl_token"]}
+                 "ppl_before": ppl_protocol, "ppl_after": ppl_protocol + after, "ppl_ratio": ppl_protocol + after,
+                 "ppl_token_before": PPL["ppl_token"], "ppl_token_after": PPL["ppl_token"] + after}
     return Measurement(metrics, protocols, dict(edit.info))
