@@ -21,6 +21,7 @@ zsRE in QA form (:func:`load_zsre_qa`): MEND's records read as WILD's ``edit.py 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from .loaders import (DataError, Record, _Invalid, _case_id, _get, _parse_all, _
 
 QAEDIT_FILE = "collapse/QAEdit_inter_1k.json"
 _QAEDIT_KEYS = {"id", "source", "prompt", "target", "subject", "rephrase", "locality"}
-_FOOTNOTE = " *"
+_FOOTNOTE = re.compile(r"(^|\s+)\*$")      # a trailing footnote marker: "Wilt Chamberlain *"
 
 
 def _locality_pairs(rec: Record) -> tuple[tuple[str, str], ...]:
@@ -53,7 +54,7 @@ def _parse_qaedit(rec: Record, index: int) -> EditCase:
     subject = _text(rec, "subject")
     raw_target = _text(rec, "target", strip=True)
     assert question is not None and subject is not None and raw_target is not None
-    target = raw_target[:-len(_FOOTNOTE)].strip() if raw_target.endswith(_FOOTNOTE) else raw_target
+    target = _FOOTNOTE.sub("", raw_target).strip()
     if not target:
         raise _Invalid("target", "is only a footnote marker")
     locality = _locality_pairs(rec)
