@@ -65,23 +65,31 @@ def efficacy_rows(h: HarnessSession, editors: list[str], sets: dict[str, list]) 
     return rows
 
 
-def fluency_rows(h: HarnessSession, editors: list[str], hard: list, vectorizer) -> list[dict[str, Any]]:
+def fluency_rows(h: HarnessSession, editors: list[str], hard: list, vectorizer, unrelated: list[str]
+                 ) -> list[dict[str, Any]]:
+    """Fluency from the case's own generation prompts and from ``unrelated`` prompts, and ME-PPL, around each edit."""
     lm, rows = h.lm, []
     texts = h.ppl_texts()
     base_ppl = perplexity(lm.model, lm.tokenizer, texts).mean_ppl
+
+    def measure(case) -> dict[str, Any]:
+        own, own_texts = generation_metrics(lm.model, lm.tokenizer, case, vectorizer=vectorizer)
+        other, other_texts = generation_metrics(lm.model, lm.tokenizer, case, prefixes=unrelated)
+        return {"fluency": own["fluency"], "consistency": own["consistency"], "fluency_unrelated": other["fluency"],
+                "text": own_texts[0], "text_unrelated": other_texts[0]}
+
     for case in hard:
-        before, before_texts = generation_metrics(lm.model, lm.tokenizer, case, vectorizer=vectorizer)
+        before = measure(case)
         for name in editors:
             with h.edited(h.editor(name), [case]):
-                after, after_texts = generation_metrics(lm.model, lm.tokenizer, case, vectorizer=vectorizer)
+                after = measure(case)
                 ppl = perplexity(lm.model, lm.tokenizer, texts).mean_ppl
-            rows.append({"case_id": case.case_id, "subject": case.subject, "editor": name,
-                         "fluency_before": before["fluency"], "fluency_after": after["fluency"],
-                         "consistency_before": before["consistency"], "consistency_after": after["consistency"],
-                         "ppl_before": base_ppl, "ppl_after": ppl, "text_before": before_texts[0],
-                         "text_after": after_texts[0]})
-            print(f"  {case.subject} {name}: fluency {before['fluency']:.2f} -> {after['fluency']:.2f}, "
-                  f"ppl {base_ppl:.1f} -> {ppl:.1f}; {after_texts[0][:100]!r}", flush=True)
+            rows.append({"case_id": case.case_id, "subject": case.subject, "editor": name, "ppl_before": base_ppl,
+                         "ppl_after": ppl, **{f"{k}_before": v for k, v in before.items()},
+                         **{f"{k}_after": v for k, v in after.items()}})
+            print(f"  {case.subject} {name}: fluency {before['fluency']:.2f} -> {after['fluency']:.2f}, unrelated "
+                  f"{before['fluency_unrelated']:.2f} -> {after['fluency_unrelated']:.2f}, ppl {base_ppl:.1f} -> "
+                  f"{ppl:.1f}; {after['text_unrelated'][:100]!r}", flush=True)
     return rows
 
 
@@ -100,10 +108,11 @@ def print_tables(eff: list[dict], flu: list[dict]) -> None:
               f"{_m(rs, 'efficacy_success')} | {_m(rs, 'wild_rewrite_em')} | {_m(rs, 'wild_rewrite_contains')} | "
               f"{_m(rs, 'wild_rephrase_em')} | {_m(rs, 'wild_rephrase_contains')} | {_m(rs, 'wild_locality')} | "
               f"{_m(rs, 'pre_wild_rewrite_em')} |")
-    print("\n| hard case | editor | fluency before -> after | consistency before -> after | ME-PPL before -> after |")
-    print("|---|---|---|---|---|")
+    print("\n| hard case | editor | fluency (own prompts) | fluency (unrelated prompts) | consistency | ME-PPL |")
+    print("|---|---|---|---|---|---|")
     for r in flu:
         print(f"| {r['subject']} | {r['editor']} | {r['fluency_before']:.2f} -> {r['fluency_after']:.2f} | "
+              f"{r['fluency_unrelated_before']:.2f} -> {r['fluency_unrelated_after']:.2f} | "
               f"{r['consistency_before']:.3f} -> {r['consistency_after']:.3f} | "
               f"{r['ppl_before']:.1f} -> {r['ppl_after']:.1f} |")
 
@@ -113,8 +122,9 @@ def main() -> None:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--editors", nargs="+", default=["rome", "memit", "ft"])
     ap.add_argument("--cases", type=int, default=10)
-    ap.add_argument("--sets", nargs="+", default=["qaedit", "counterfact"])
+    ap.add_argument("--sets", nargs="*", default=["qaedit", "counterfact"])
     ap.add_argument("--hard", nargs="*", default=["BP"], help="subjects of built-in hard cases for fluency")
+    ap.add_argument("--unrelated", type=int, default=10, help="unrelated generation prompts for fluency")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default="reports/wild/bench.json")
     args = ap.parse_args()
@@ -125,7 +135,9 @@ def main() -> None:
     eff = efficacy_rows(h, args.editors, {s: sets[s]() for s in args.sets})
     hard = [c for c in load_cases("builtin-hard") if c.subject in args.hard]
     vec = fit_tfidf(counterfact_documents(args.data_dir))
-    flu = fluency_rows(h, args.editors, hard, vec) if hard else []
+    # unrelated prompts: the generation prompts of CounterFact records, one per record, from the end of the sample
+    unrelated = [c.generation_prompts[0] for c in load_cases("counterfact", data_dir=args.data_dir)[-args.unrelated:]]
+    flu = fluency_rows(h, args.editors, hard, vec, unrelated) if hard else []
     print_tables(eff, flu)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -120,4 +120,6 @@ def test_fluency_falls_when_the_model_repeats(tiny_llama, builtin_cases):
     assert normal["fluency"] > collapsed["fluency"]
     assert normal["consistency"] is not None and 0.0 <= normal["consistency"] <= 1.0
     assert len(texts) == len(case.generation_prompts)
+    _, other = generation_metrics(lm.model, lm.tokenizer, case, prefixes=["Toronto is"], max_out_len=20)
+    assert len(other) == 1 and other[0].startswith("Toronto is")
     assert collapsed["consistency"] > normal["consistency"]     # it now keeps saying the new target's word

@@ -193,11 +193,13 @@ def generation_prefixes(case) -> list[str]:
     return list(case.generation_prompts) or [case.rewrite_prompt, *case.paraphrase_prompts]
 
 
-def generation_metrics(model, tok, case, *, vectorizer=None, max_out_len: int = 100, top_k: int = 5, seed: int = 0,
-                       prefix: str = "") -> tuple[dict[str, float | None], list[str]]:
-    """``fluency`` and ``consistency`` (None without a vectorizer or attribute prompts) of one case, and the texts."""
-    texts = sample_texts(model, tok, generation_prefixes(case), max_out_len=max_out_len, top_k=top_k, seed=seed,
-                         prefix=prefix)
+def generation_metrics(model, tok, case, *, vectorizer=None, prefixes: Sequence[str] | None = None,
+                       max_out_len: int = 100, top_k: int = 5, seed: int = 0, prefix: str = ""
+                       ) -> tuple[dict[str, float | None], list[str]]:
+    """``fluency`` and ``consistency`` (None without a vectorizer or attribute prompts) of one case, and the texts.
+    ``prefixes`` replaces the case's generation prompts (e.g. unrelated prompts, to see collapse elsewhere)."""
+    prompts = list(prefixes) if prefixes is not None else generation_prefixes(case)
+    texts = sample_texts(model, tok, prompts, max_out_len=max_out_len, top_k=top_k, seed=seed, prefix=prefix)
     refs = reference_texts(case)
     consistency = (tfidf_similarity(" ".join(texts), " ".join(refs), vectorizer)
                    if vectorizer is not None and refs else None)
