@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from harness import protocols
+from harness.editing import edited
 from harness.session import HarnessSession, Options
 from harness.timing import PhaseTimer
 
@@ -59,10 +61,10 @@ def main() -> None:
         for case in cases:
             timer = PhaseTimer(lm.device)
             with timer.phase("evaluate"):
-                h.counterfact(case)
-            with h.edited(editor, [case], timer) as edit:
+                protocols.counterfact(h, case)
+            with edited(h.lm, editor, [case], timer) as edit:
                 with timer.phase("evaluate"):
-                    post = h.counterfact(case, edit)
+                    post = protocols.counterfact(h, case, edit)
                 with timer.phase("perplexity"):
                     ppl = h.perplexity()
             for k in per:

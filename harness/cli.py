@@ -129,6 +129,7 @@ def _add_mine_hard(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_mine_hard(args: argparse.Namespace) -> int:
+    from harness import protocols
     from harness.data import save_easyedit
     from harness.session import HarnessSession, Options
     from harness.timing import PhaseTimer
@@ -138,7 +139,7 @@ def _cmd_mine_hard(args: argparse.Namespace) -> int:
     editor = h.editor(args.editor)
     hard = []
     for case in h.cases():
-        metrics, _, _ = h.single_edit(editor, case, PhaseTimer(h.lm.device))
+        metrics = protocols.single_edit(h, editor, case, PhaseTimer(h.lm.device)).metrics
         mark = "HARD" if metrics["ppl_ratio"] >= args.threshold else "    "
         print(f"{mark} {case.case_id:>8} ppl x{metrics['ppl_ratio']:8.3f}  {case.rewrite_prompt!r}", flush=True)
         if metrics["ppl_ratio"] >= args.threshold:

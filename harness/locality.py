@@ -23,11 +23,10 @@ Three measurements, each against the unedited model:
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import fmean
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +37,6 @@ from .models.snapshot import param_digest
 
 if TYPE_CHECKING:
     from .data.case import EditCase
-    from .editors.base import Editor
-    from .session import HarnessSession
-    from .timing import PhaseTimer
 
 PROTOCOLS = {
     "kl_unrelated": "mean over predicted positions of KL(P_pre || P_post) of the next-token distribution (nats), "
@@ -168,59 +164,3 @@ def qa_locality(pre: list[tuple[list[int], list[int]]], post: list[tuple[list[in
     acc_pre = [fmean(float(a == g) for a, g in zip(p[0], p[1])) for p in pre]
     acc_post = [fmean(float(a == g) for a, g in zip(q[0], q[1])) for q in post]
     return {"qa_locality": fmean(agree), "qa_locality_acc_pre": fmean(acc_pre), "qa_locality_acc": fmean(acc_post)}
-
-
-def locality_edit(session: HarnessSession, editor: Editor, case: EditCase, timer: PhaseTimer
-                  ) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
-    """Edit ``case``; measure neighbourhood success, distribution drift on general text and QA locality against
-    the unedited model; restore. Returns (metrics, protocols, edit info)."""
-    from .metrics.counterfact import PROTOCOLS as CF
-
-    lm = session.lm
-    ref = session.drift_reference()
-    metrics: dict[str, Any] = {}
-    protocols = {k: v for k, v in PROTOCOLS.items()}
-    has_cf = case.target_true is not None
-    with timer.phase("evaluate"):
-        cf_pre = session.counterfact(case) if has_cf else {}
-        wins_pre = neighbour_wins(lm.model, lm.tokenizer, case)
-        qa_pre = answer_argmax(lm.model, lm.tokenizer, case.locality) if case.locality else None
-    with session.edited(editor, [case], timer) as edit:
-        with timer.phase("evaluate"):
-            cf_post = session.counterfact(case, edit) if has_cf else {}
-            wins_post = neighbour_wins(lm.model, lm.tokenizer, case, prefix=edit.prompt_prefix)
-            qa_post = (answer_argmax(lm.model, lm.tokenizer, case.locality, prefix=edit.prompt_prefix)
-                       if case.locality else None)
-        with timer.phase("drift"):
-            metrics.update(distribution_drift(lm.model, lm.tokenizer, ref, prefix=edit.prompt_prefix))
-    for k in ("efficacy_success", "neighborhood_success", "neighborhood_magnitude", "locality_acc"):
-        if cf_post.get(k) is not None:
-            metrics[k] = cf_post[k]
-            metrics[f"{k}_pre"] = cf_pre[k]
-            protocols[k] = protocols[f"{k}_pre"] = CF[k]
-    if wins_pre:
-        metrics["neighborhood_retained"] = retained(wins_pre, wins_post)
-    if qa_pre is not None and qa_post is not None:
-        metrics.update(qa_locality(qa_pre, qa_post))
-    protocols["drift_positions"] = f"predicted positions of the general texts ({session.ppl_corpus_name()})"
-    return metrics, protocols, edit.info
-
-
-def locality_problems(metrics: dict[str, Any], thresholds) -> list[str]:
-    """Threshold violations, each naming the metric, its value and the threshold (and the option that sets it)."""
-    out = []
-    ns = metrics.get("neighborhood_retained")
-    if ns is not None and ns < thresholds.min_neighborhood:
-        out.append(f"neighborhood_retained={ns:.3f} < min_neighborhood {thresholds.min_neighborhood} (the edit "
-                   "overrode neighbouring facts the model knew; --min-neighborhood)")
-    kl = metrics.get("kl_unrelated")
-    if kl is not None and not (math.isfinite(kl) and kl <= thresholds.max_kl):
-        out.append(f"kl_unrelated={kl:.4g} > max_kl {thresholds.max_kl} (next-token distributions on unrelated "
-                   "text drifted; --max-kl)")
-    t1 = metrics.get("top1_changed")
-    if t1 is not None and t1 > thresholds.max_top1_changed:
-        out.append(f"top1_changed={t1:.3f} > max_top1_changed {thresholds.max_top1_changed} (--max-top1-changed)")
-    qa = metrics.get("qa_locality")
-    if qa is not None and qa < thresholds.min_qa_locality:
-        out.append(f"qa_locality={qa:.3f} < min_qa_locality {thresholds.min_qa_locality} (--min-qa-locality)")
-    return out

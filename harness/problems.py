@@ -197,19 +197,27 @@ def run_problem(lm: LoadedModel, case: EditCase, problem: str, tracer: CausalTra
 
 
 # --- the layer sweep ---------------------------------------------------------------------------------------
-def place_editor(editor, lm: LoadedModel, center: int, window: int) -> list[int]:
-    """Point ``editor`` (an instance the sweep owns) at the window of layers centred on ``center``."""
-    layers = window_layers(center, window, lm.n_layers)
+def sweep_unsupported(editor, window: int) -> str | None:
+    """Why ``editor`` cannot be swept over layers with editing windows of ``window`` layers, or None."""
     hp = editor.hparams
     if hasattr(hp, "layers"):
-        hp.layers = layers
-    elif hasattr(hp, "layer"):
-        if window != 1:
-            raise ValueError(f"editor {editor.name!r} edits one layer; a window of {window} layers needs an editor "
-                             "with a 'layers' hyper-parameter (memit, ft)")
-        hp.layer = center
+        return None
+    if hasattr(hp, "layer"):
+        return None if window == 1 else (f"editor {editor.name!r} edits one layer; a window of {window} layers "
+                                         "needs an editor with a 'layers' hyper-parameter (memit, ft)")
+    return f"editor {editor.name!r} has no 'layer' or 'layers' hyper-parameter to sweep"
+
+
+def place_editor(editor, lm: LoadedModel, center: int, window: int) -> list[int]:
+    """Point ``editor`` (an instance the sweep owns) at the window of layers centred on ``center``."""
+    reason = sweep_unsupported(editor, window)
+    if reason:
+        raise ValueError(reason)
+    layers = window_layers(center, window, lm.n_layers)
+    if hasattr(editor.hparams, "layers"):
+        editor.hparams.layers = layers
     else:
-        raise ValueError(f"editor {editor.name!r} has no 'layer' or 'layers' hyper-parameter to sweep")
+        editor.hparams.layer = center
     editor.prepare(lm)
     return layers
 

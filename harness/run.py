@@ -13,33 +13,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .thresholds import Thresholds
+
 SCHEMA_VERSION = 1
-
-
-@dataclass
-class Thresholds:
-    """What the suites assert. Each is a command-line option and an ini value (``harness_<name>``)."""
-
-    collapse_ppl_ratio: float = 2.0   # perplexity after / before at or above this is a collapse
-    min_efficacy: float = 1.0         # a single edit must make P(new) > P(true) on its own prompt
-    min_neighborhood: float = 0.5     # locality suite: neighborhood_retained (NS over neighbours known before)
-    max_kl: float = 0.05              # locality suite: mean KL(pre || post) on unrelated text, nats
-    max_top1_changed: float = 0.05    # locality suite: fraction of unrelated-text top-1 tokens changed
-    min_qa_locality: float = 0.5      # locality suite: zsRE/EasyEdit QA locality (unchanged argmax)
-    max_accuracy_drop: float = 0.1    # downstream suite: accuracy before - after, per task
-    min_trace_drop: float = 0.5       # tracing: share of P(answer) the subject noise must remove, (clean - noised) / clean
-    min_rewrite_score: float = 0.5    # editing problems: rewrite score (share of the possible change achieved)
-    min_sweep_success: float = 0.5    # layer sweep: mean edit success at the best swept layer
-
-    def check_collapse(self, ratio: float) -> str | None:
-        if not math.isfinite(ratio) or ratio >= self.collapse_ppl_ratio:
-            return f"ppl_ratio={ratio:.3f} >= collapse threshold {self.collapse_ppl_ratio} (model collapsed)"
-        return None
-
-    def check_efficacy(self, value: float | None) -> str | None:
-        if value is not None and value < self.min_efficacy:
-            return f"efficacy_success={value:.3f} < min_efficacy {self.min_efficacy} (edit did not take)"
-        return None
 
 
 def _jsonable(x: Any) -> Any:

@@ -3,7 +3,8 @@ amplification and fact forcing, each on cases whose true answer the model knows,
 neighbourhood scores and their harmonic mean. Asserts the rewrite score reaches ``--min-rewrite-score``."""
 import pytest
 
-from harness.problems import PROBLEMS, PROTOCOL
+from harness import protocols
+from harness.problems import PROBLEMS
 
 pytestmark = pytest.mark.suite("editing_problems")
 
@@ -11,9 +12,6 @@ pytestmark = pytest.mark.suite("editing_problems")
 @pytest.mark.cases("known")
 @pytest.mark.parametrize("problem", PROBLEMS)
 def test_editing_problem(harness, editor, case, problem, record):
-    metrics, info = harness.editing_problem(editor, case, problem, record.timer)
-    record.add(metrics, protocol=PROTOCOL)
-    record.note(**info)
-    assert metrics["rewrite_score"] >= harness.thresholds.min_rewrite_score, (
-        f"rewrite_score={metrics['rewrite_score']:.3f} < min_rewrite_score {harness.thresholds.min_rewrite_score} "
-        f"({problem}: P(target) {metrics['p_target_pre']:.3f} -> {metrics['p_target_post']:.3f})")
+    m = protocols.editing_problem(harness, editor, case, problem, record.timer)
+    record.add(m)
+    assert not (bad := harness.thresholds.violations_editing_problems(m)), "; ".join(bad)

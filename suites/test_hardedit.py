@@ -3,24 +3,20 @@ step. Their trigger is a prompt that begins with the subject, whose key at the f
 Each hard case is a single-edit test with the collapse threshold asserted; then one sequential run over them."""
 import pytest
 
+from harness import protocols
+
 pytestmark = pytest.mark.suite("hardedit")
 
 
 @pytest.mark.cases("hard")
 def test_hard_single_edit(harness, editor, case, record):
-    metrics, protocols, info = harness.single_edit(editor, case, record.timer)
-    record.add(metrics, protocols)
-    record.note(**info)
-    problems = harness.problems(metrics)
-    assert not problems, "; ".join(problems)
+    m = protocols.single_edit(harness, editor, case, record.timer)
+    record.add(m)
+    assert not (bad := harness.thresholds.violations_hardedit(m)), "; ".join(bad)
 
 
 def test_hard_sequential(harness, editor, record):
     cases = harness.cases(harness.options.hard_dataset, limit=harness.options.seq_edits)
-    result = harness.sequential(editor, cases, record.timer)
-    m = result.metrics(harness.thresholds.collapse_ppl_ratio)
-    record.add(m, protocol="sequential over the hard set")
-    record.note(resumed_from=result.resumed_from)
-    assert m["edits_to_collapse"] is None, (
-        f"edits_to_collapse={m['edits_to_collapse']}: ppl_ratio reached the collapse threshold "
-        f"{harness.thresholds.collapse_ppl_ratio} within {m['n_edits']} hard edits")
+    m = protocols.sequential(harness, editor, cases, record.timer)
+    record.add(m)
+    assert not (bad := harness.thresholds.violations_sequential(m)), "; ".join(bad)

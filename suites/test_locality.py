@@ -4,14 +4,12 @@ prompts about other subjects), the drift of next-token distributions on unrelate
 fraction of changed top-1 tokens) and, for zsRE / KnowEdit data, QA locality on the NQ questions; restore."""
 import pytest
 
-from harness.locality import locality_edit, locality_problems
+from harness import protocols
 
 pytestmark = pytest.mark.suite("locality")
 
 
 def test_locality(harness, editor, case, record):
-    metrics, protocols, info = locality_edit(harness, editor, case, record.timer)
-    record.add(metrics, protocols)
-    record.note(**info)
-    problems = locality_problems(metrics, harness.thresholds)
-    assert not problems, "; ".join(problems)
+    m = protocols.locality(harness, editor, case, record.timer)
+    record.add(m)
+    assert not (bad := harness.thresholds.violations_locality(m)), "; ".join(bad)

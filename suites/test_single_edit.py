@@ -2,12 +2,12 @@
 stay intact? One test per (editor, case): edit, score, perplexity before/after, restore."""
 import pytest
 
+from harness import protocols
+
 pytestmark = pytest.mark.suite("single_edit")
 
 
 def test_single_edit(harness, editor, case, record):
-    metrics, protocols, info = harness.single_edit(editor, case, record.timer)
-    record.add(metrics, protocols)
-    record.note(**info)
-    problems = harness.problems(metrics)
-    assert not problems, "; ".join(problems)
+    m = protocols.single_edit(harness, editor, case, record.timer)
+    record.add(m)
+    assert not (bad := harness.thresholds.violations_single_edit(m)), "; ".join(bad)

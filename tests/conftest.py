@@ -85,3 +85,12 @@ TINY_HPARAMS = {
     "memit": ["layers=[1,2]", "v_num_grad_steps=8", "context_template_length_params=[[3,2]]"],
     "ft": ["layer=1", "num_steps=5"],
 }
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_llama, tmp_path_factory):
+    """The tiny Llama saved with ``save_pretrained`` (model and tokenizer): a ``--model`` directory for suite runs."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama.model.save_pretrained(d)
+    tiny_llama.tokenizer.save_pretrained(d)
+    return d

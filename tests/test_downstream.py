@@ -19,7 +19,6 @@ from harness.downstream import (
     StateSeries,
     TaskScore,
     UnknownTaskError,
-    accuracy_problems,
     downstream_metrics,
     parse_tasks,
     pearson,
@@ -28,6 +27,8 @@ from harness.downstream import (
     task_names,
 )
 from harness.downstream import data as ddata
+from harness.protocols import Measurement
+from harness.thresholds import Thresholds
 
 pytest_plugins = ["pytester"]
 DATA = Path(__file__).resolve().parent / "data"
@@ -147,9 +148,10 @@ def test_metric_names_and_drop_threshold():
     m = downstream_metrics(before, after)
     assert m["downstream_boolq_before"] == 0.6 and m["downstream_piqa_after"] == 0.5
     assert m["downstream_piqa_drop"] == pytest.approx(0.2)
-    problems = accuracy_problems(before, after, 0.1)
-    assert len(problems) == 1 and problems[0].startswith("downstream_piqa: accuracy 0.700 -> 0.500 (drop 0.200 > "
-                                                         "max_accuracy_drop 0.1")
+    problems = Thresholds(max_accuracy_drop=0.1).violations_downstream(Measurement(m))
+    assert len(problems) == 1 and problems[0].startswith("downstream_piqa: accuracy 0.700 -> 0.500 after the edit "
+                                                         "(drop 0.200 > max_accuracy_drop 0.1")
+    assert Thresholds(max_accuracy_drop=0.25).violations_downstream(Measurement(m)) == []
 
 
 def test_correlation_over_states(monkeypatch):
@@ -171,14 +173,6 @@ def test_correlation_over_states(monkeypatch):
     assert (spearman(x, y), pearson(x, y)) == pytest.approx(with_scipy)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tiny_llama, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama-ds")
-    tiny_llama.model.save_pretrained(d)
-    tiny_llama.tokenizer.save_pretrained(d)
-    return d
-
-
 @needs_lm_eval
 def test_downstream_suite_records_scores_and_correlation(pytester, tiny_model_dir):
     reports = pytester.path / "reports"
@@ -188,7 +182,7 @@ def test_downstream_suite_records_scores_and_correlation(pytester, tiny_model_di
         "--stats-tokens", "2000", "--ppl-texts", "8", "-p", "no:cacheprovider", "--editor", "rome",
         "--hparam", "rome.layer=1", "--hparam", "v_num_grad_steps=4",
         "--hparam", "context_template_length_params=[[3,2]]",
-        "--downstream-tasks", "boolq,sst2", "--downstream-limit", "0", "--corr-edits", "2", "--max-accuracy-drop", "1")
+        "--downstream-tasks", "boolq,sst2", "--downstream-limit", "all", "--corr-edits", "2", "--max-accuracy-drop", "1")
     result.assert_outcomes(passed=2)
     run = json.loads((reports / "latest.json").read_text())
     single, corr = sorted(run["records"], key=lambda r: r["nodeid"])

@@ -7,16 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import tiny_model_dir  # noqa: F401  (tests/test_sequential.py imports the fixture from here)
+
 pytest_plugins = ["pytester"]
 SUITES = Path(__file__).resolve().parents[1] / "suites"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tiny_llama, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama.model.save_pretrained(d)
-    tiny_llama.tokenizer.save_pretrained(d)
-    return d
 
 
 def _run(pytester, tiny_model_dir, *extra):

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from .test_plugin import tiny_model_dir  # noqa: F401  (the tiny model saved to disk, one fixture for both)
-
 pytest_plugins = ["pytester"]
 SUITES = Path(__file__).resolve().parents[1] / "suites"
 REL = 1e-5          # relative tolerance on metric values
@@ -27,7 +25,7 @@ ABS = 1e-7          # absolute floor, for values at or near 0
 NOISE = ("nodeid", "timings", "memory", "message")
 
 
-def _run(pytester, tiny_model_dir, name: str, *extra):  # noqa: F811
+def _run(pytester, tiny_model_dir, name: str, *extra):
     """As tests/test_plugin.py's ``_run``, with a cache and report folder of its own per run (so neither run
     reads statistics the other computed, and each run's JSON files can be counted)."""
     return pytester.runpytest_subprocess(
@@ -79,7 +77,7 @@ def _diffs(a, b, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: serial {a!r} != xdist {b!r}"]
 
 
-def test_xdist_run_matches_serial_run(pytester, tiny_model_dir, monkeypatch):  # noqa: F811
+def test_xdist_run_matches_serial_run(pytester, tiny_model_dir, monkeypatch):
     # the thread count an xdist worker of -n 2 gives itself (harness.plugin._pin_worker_device)
     monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
     serial = _run(pytester, tiny_model_dir, "serial")

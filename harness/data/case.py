@@ -58,10 +58,3 @@ class EditCase:
         d = asdict(self)
         d.update(objective=objective, noise_std=float(noise_std), noise_seed=int(noise_seed))
         return EditCase(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["locality"] = [list(p) for p in self.locality]
-        for k in ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts"):
-            d[k] = list(d[k])
-        return d

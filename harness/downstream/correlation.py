@@ -70,38 +70,3 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return _corr(x, y, "spearman")
-
-
-def downstream_series(session, editor, cases, tasks: Sequence[str], limit: int | None, timer) -> StateSeries:
-    """A sequential run of ``cases`` (one edit at a time, no restore in between; the model is restored after),
-    with perplexity and downstream accuracy measured on the base model and after every edit.
-
-    The sequential run is :class:`harness.sequential.SequentialRun` (journaled under ``REPORT_DIR/correlation``,
-    never resumed: every state must be measured); its perplexity callback is the probe that measures a state."""
-    from pathlib import Path
-
-    from ..sequential import SequentialRun
-    from ..timing import PhaseTimer
-
-    evaluator = session.downstream
-    series = StateSeries()
-    base = evaluator.base(tasks, limit)
-    series.add(0, session.base_perplexity().mean_ppl, {t: s.value for t, s in base.items()})
-
-    def probe() -> float:
-        with timer.phase("perplexity"):
-            ppl = session.perplexity().mean_ppl
-        with timer.phase("downstream"):
-            scores = evaluator.evaluate(tasks, limit)
-        series.add(len(series.states), ppl, {t: s.value for t, s in scores.items()})
-        return ppl
-
-    inner = PhaseTimer(session.lm.device)        # its "perplexity" phase is the probe, timed above
-    run = SequentialRun(session.lm, editor, cases, perplexity=probe, ppl_base=series.states[0]["ppl"],
-                        journal_dir=Path(session.options.report_dir) / "correlation", batch_size=1,
-                        ppl_schedule="every", resume=False, progress=session.options.progress)
-    run.run(inner)
-    for k, v in inner.seconds.items():
-        if k != "perplexity":
-            timer.seconds[k] = timer.seconds.get(k, 0.0) + v
-    return series

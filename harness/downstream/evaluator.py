@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +71,6 @@ class TaskScore:
     n: int               # examples scored
     chance: float
     stderr: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _require_lm_eval() -> None:
@@ -148,9 +145,3 @@ def downstream_metrics(before: dict[str, TaskScore], after: dict[str, TaskScore]
             out[f"downstream_{t}_after"] = after[t].value
             out[f"downstream_{t}_drop"] = b.value - after[t].value
     return out
-
-
-def accuracy_problems(before: dict[str, TaskScore], after: dict[str, TaskScore], max_drop: float) -> list[str]:
-    return [f"downstream_{t}: accuracy {b.value:.3f} -> {after[t].value:.3f} (drop {b.value - after[t].value:.3f} "
-            f"> max_accuracy_drop {max_drop}; --max-accuracy-drop)"
-            for t, b in before.items() if t in after and b.value - after[t].value > max_drop]

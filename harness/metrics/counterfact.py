@@ -26,15 +26,14 @@ PROTOCOLS = {
 }
 
 
-def counterfact_metrics(model, tok, case: EditCase, *, prefix: str = "", max_neighborhood: int | None = None
-                        ) -> dict[str, float | None]:
+def counterfact_metrics(model, tok, case: EditCase, *, prefix: str = "") -> dict[str, float | None]:
     """All CounterFact and token-accuracy metrics of ``case`` in one batched scoring call."""
     if case.target_true is None:
         raise ValueError(f"case {case.case_id}: CounterFact metrics need target_true")
     groups: dict[str, Sequence[str]] = {
         "efficacy": [case.rewrite_prompt],
         "paraphrase": list(case.paraphrase_prompts),
-        "neighborhood": list(case.neighborhood_prompts)[:max_neighborhood],
+        "neighborhood": list(case.neighborhood_prompts),
     }
     prompts, targets, keys = [], [], []
     for g, ps in groups.items():

@@ -73,12 +73,6 @@ class ArchAdapter:
         w = self.mlp_weight(model, layer)
         w.add_(self.to_stored(delta_out_in).to(device=w.device, dtype=w.dtype))
 
-    def key_dim(self, model: nn.Module, layer: int) -> int:
-        return self.weight_as_linear(model, layer).shape[1]
-
-    def value_dim(self, model: nn.Module, layer: int) -> int:
-        return self.weight_as_linear(model, layer).shape[0]
-
 
 _LLAMA = ArchAdapter("llama", "model.layers.{}", "model.layers.{}.mlp.down_proj",
                      "model.layers.{}.self_attn.o_proj", "model.embed_tokens")

@@ -1,0 +1,375 @@
+"""The option table: one row per command-line option (name, parser, default, ini key, help). From it come the
+plugin's ``addoption`` and ``addini`` calls, the :class:`Options` dataclass (run settings) and the threshold values
+of :class:`harness.thresholds.Thresholds`. Every value goes through its row's parser when pytest starts, so a bad
+value is a usage error (exit 4) of one line naming the option and what it accepts, before any model is loaded.
+
+Precedence per option: command line, then the ini key ``harness_<name>`` (rows with ``ini=True``), then an
+environment variable (rows with ``env``), then the default.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .models.loading import DEFAULT_MODEL, DTYPES
+
+
+class OptionError(ValueError):
+    """A value an option's parser rejects; the message says what the option accepts."""
+
+
+# --- parsers: str -> value, or OptionError naming what is accepted -----------------------------------------
+Parser = Callable[[str], Any]
+
+
+def text(raw: str) -> str:
+    return str(raw)
+
+
+def integer(minimum: int = 1, allow_all: bool = False) -> Parser:
+    """An integer >= ``minimum``; with ``allow_all`` also ``all`` (-> None: no limit)."""
+    accepted = f"an integer >= {minimum}" + (" or all" if allow_all else "")
+
+    def parse(raw: str) -> int | None:
+        s = str(raw).strip()
+        if allow_all and s.lower() == "all":
+            return None
+        try:
+            value = int(s)
+        except ValueError:
+            raise OptionError(f"expected {accepted}") from None
+        if value < minimum:
+            raise OptionError(f"expected {accepted}" + (" (use all for every one)" if allow_all else ""))
+        return value
+    return parse
+
+
+def number(minimum: float = 0.0, exclusive: bool = False) -> Parser:
+    """A number >= ``minimum`` (> with ``exclusive``); inf is allowed (a bound that never fails), nan is not."""
+    accepted = f"a number {'>' if exclusive else '>='} {minimum:g}"
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise OptionError(f"expected {accepted}") from None
+        if math.isnan(value) or value < minimum or (exclusive and value == minimum):
+            raise OptionError(f"expected {accepted}")
+        return value
+    return parse
+
+
+def choice(*names: str) -> Parser:
+    def parse(raw: str) -> str:
+        if raw not in names:
+            raise OptionError(f"use one of {', '.join(names)}")
+        return raw
+    return parse
+
+
+def comma_list(raw: str) -> list[str]:
+    items = [x.strip() for x in str(raw).split(",") if x.strip()]
+    if not items:
+        raise OptionError("expected a comma-separated list")
+    return items
+
+
+def int_list(raw: str) -> list[int]:
+    """A comma list of integers >= 1 (``--sweep-windows 1,3``)."""
+    try:
+        items = [int(x) for x in comma_list(raw)]
+    except ValueError:
+        raise OptionError("expected integers >= 1 separated by commas, such as 1,3") from None
+    if min(items) < 1:
+        raise OptionError("expected integers >= 1 separated by commas, such as 1,3")
+    return items
+
+
+_SCHEDULE = re.compile(r"every|every:[1-9][0-9]*|geometric")
+_LAYERS = re.compile(r"all|every:[1-9][0-9]*|-?[0-9]+(,-?[0-9]+)*")
+
+
+def ppl_schedule(raw: str) -> str:
+    if not _SCHEDULE.fullmatch(str(raw).strip()):
+        raise OptionError("use every, every:K (K >= 1) or geometric")
+    return str(raw).strip()
+
+
+def layer_spec(raw: str) -> str:
+    """Syntax only: whether each layer exists in the model is checked once the model is loaded."""
+    spec = str(raw).replace(" ", "")
+    if not _LAYERS.fullmatch(spec):
+        raise OptionError("use every:K (K >= 1), all, or a comma list of layers such as 0,5,10")
+    return spec
+
+
+def device(raw: str) -> str:
+    """auto, cpu, cuda, cuda:N (only where torch sees that GPU) or mps (only where available)."""
+    import torch
+
+    s = str(raw).strip()
+    if s in ("auto", "cpu"):
+        return s
+    m = re.fullmatch(r"cuda(?::([0-9]+))?", s)
+    if m:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise OptionError("CUDA is not available on this machine (torch.cuda.is_available() is False); "
+                              "use cpu or auto")
+        if m.group(1) is not None and int(m.group(1)) >= n:
+            raise OptionError(f"this machine has {n} CUDA device(s); use cuda:0..cuda:{n - 1}")
+        return s
+    if s == "mps":
+        if not torch.backends.mps.is_available():
+            raise OptionError("MPS is not available on this machine; use cpu or auto")
+        return s
+    raise OptionError("use auto, cpu, cuda, cuda:N or mps")
+
+
+def writable_dir(raw: str) -> str:
+    """A folder that exists and can be written, or can be created: its nearest existing ancestor is a writable
+    folder. Nothing is created here (a temporary file is written and removed to prove it)."""
+    path = Path(raw).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OptionError(f"{probe} is a file, not a folder; choose another --report-dir")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise OptionError(f"{probe} cannot be written ({e.strerror or e}); choose a writable folder") from None
+    return str(path)
+
+
+# --- the table ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Opt:
+    """One option. ``dest`` names the :class:`Options` field (or the threshold); ``kind`` is ``value``, ``flag``
+    (store_true) or ``append`` (repeatable, each item parsed)."""
+
+    dest: str
+    parse: Parser
+    default: Any
+    help: str
+    ini: bool = False
+    env: str | None = None
+    kind: str = "value"
+    threshold: str | None = None      # the Thresholds field this option sets (else an Options field)
+    metavar: str | None = None
+    type: Any = Any
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+    @property
+    def ini_key(self) -> str:
+        return f"harness_{self.dest}"
+
+
+def _t(dest: str, field_name: str, default: float, help: str, parse: Parser = number()) -> Opt:
+    """A threshold row: an option and an ini key, its value a field of Thresholds."""
+    return Opt(dest, parse, default, help, ini=True, threshold=field_name, type=float)
+
+
+OPTIONS: tuple[Opt, ...] = (
+    Opt("editor", text, ["rome", "memit", "ft"], "editor to benchmark (repeatable)", kind="append",
+        metavar="NAME", type=list),
+    Opt("model", text, DEFAULT_MODEL, "hub id, local directory, .gguf file, or smollm2-135m (the embedded default)",
+        env="HARNESS_MODEL", type=str),
+    Opt("device", device, "auto", "auto, cpu, cuda, cuda:N or mps", type=str),
+    Opt("dtype", choice(*DTYPES), "float32", f"{', '.join(DTYPES)}", type=str),
+    Opt("device_map", text, None, "accelerate device_map for models larger than one GPU (e.g. auto)",
+        type=str | None),
+    Opt("arch_override", text, None,
+        "module names for an unknown architecture: 'layers=...{},mlp_out=...{},attn_out=...{},embed=...'",
+        type=str | None),
+    Opt("trust_remote_code", bool, False, "let transformers run the model repository's code", kind="flag", type=bool),
+    Opt("data_dir", text, None, "folder with the benchmark data (counterfact/, zsre/, collapse/, corpus/)",
+        env="HARNESS_DATA_DIR", type=str | None),
+    Opt("dataset", text, "auto", "auto (counterfact with a data dir, else builtin), builtin, builtin-hard, "
+        "counterfact, zsre, counterfact-easyedit, a file, or hf:owner/name", type=str),
+    Opt("cases", integer(1, allow_all=True), 10, "number of cases: N >= 1 or all", ini=True, type=int | None),
+    Opt("skip_invalid", bool, False, "skip malformed records instead of failing", kind="flag", type=bool),
+    Opt("ppl_corpus", text, "auto", "perplexity texts: auto (ME-PPL_50 with a data dir, else builtin)", type=str),
+    Opt("ppl_texts", integer(1, allow_all=True), 50, "number of perplexity texts: N >= 1 or all", type=int | None),
+    Opt("stats_corpus", text, "auto", "text for key statistics: auto (WikiText with a data dir, else builtin)",
+        type=str),
+    Opt("stats_tokens", integer(1), 100_000, "tokens for the keys' second-moment statistics", type=int),
+    Opt("cache_dir", text, None, "cache for de-quantized models and statistics (default ~/.cache/knowedit-harness)",
+        env="HARNESS_CACHE_DIR", type=str | None),
+    Opt("hparam", text, [], "override a hyper-parameter, e.g. --hparam rome.layer=6 (repeatable)", kind="append",
+        metavar="[EDITOR.]KEY=VALUE", type=list),
+    Opt("report_dir", writable_dir, "reports", "where the run JSON, HTML report and sequential journals go",
+        type=str),
+    Opt("no_report", bool, False, "write no run JSON / HTML", kind="flag", type=bool),
+    Opt("baseline", text, None, "compare this run with a saved run JSON; a regression fails the session",
+        metavar="RUN.json", type=str | None),
+    # sequential and HardEdit suites
+    Opt("seq_edits", integer(1), 10, "sequential suite: number of edits", type=int),
+    Opt("batch_size", integer(1), 1, "sequential suite: edits per editor call (MEMIT, ...)", type=int),
+    Opt("ppl_schedule", ppl_schedule, "every", "sequential suite: perplexity after every, every:K or geometric "
+        "edit counts", type=str),
+    Opt("resume", bool, False, "sequential suite: continue an interrupted run from its journal in "
+        "REPORT_DIR/sequential", kind="flag", type=bool),
+    Opt("hard_dataset", text, "builtin-hard", "HardEdit suite cases: builtin-hard, or a HardEdit-format file",
+        type=str),
+    # downstream suite
+    Opt("downstream_tasks", comma_list, ["boolq", "piqa", "arc_challenge"],
+        "downstream suite: lm-eval tasks from harness/downstream/tasks (comma-separated), or all", ini=True,
+        metavar="T1,T2", type=list),
+    Opt("downstream_limit", integer(1, allow_all=True), 20, "downstream suite: examples per task, N >= 1 or all",
+        ini=True, type=int | None),
+    Opt("corr_edits", integer(1), 3, "downstream suite: sequential hard edits for the perplexity-accuracy "
+        "correlation", type=int),
+    # localization suites: causal tracing, layer sweep, the five editing problems (docs/localization.md)
+    Opt("known_facts", text, "auto", "tracing suite: known (ROME's known_1000.json in the data dir), builtin-known, "
+        "or a file; auto: known with a data dir", type=str),
+    Opt("trace_facts", integer(1, allow_all=True), 10, "tracing suite: known facts to trace, N >= 1 or all",
+        type=int | None),
+    Opt("trace_noise", number(0.0, exclusive=True), 3.0, "tracing: noise std as a multiple of the input "
+        "embeddings' std (ROME: 3)", type=float),
+    Opt("trace_samples", integer(1), 10, "tracing: noise draws per fact (ROME: 10)", type=int),
+    Opt("trace_window", integer(1), 10, "tracing: layers restored together for mlp/attn", type=int),
+    Opt("known_cases", integer(1, allow_all=True), 4, "editing-problems suite: cases of the dataset whose true "
+        "answer the model knows, N >= 1 or all", type=int | None),
+    Opt("sweep_layers", layer_spec, "every:6", "layer sweep: every:K, all, or a comma list of layers", type=str),
+    Opt("sweep_windows", int_list, [1], "layer sweep: editing windows (1: ROME/FT-L at one layer; >1: MEMIT/FT-L "
+        "over the window)", metavar="W1,W2", type=list),
+    Opt("sweep_facts", integer(1, allow_all=True), 3, "layer sweep: known cases edited at every layer, N >= 1 or all",
+        type=int | None),
+    # thresholds the suites assert (harness.thresholds.Thresholds)
+    _t("collapse_ratio", "collapse_ppl_ratio", 2.0, "perplexity ratio (after / before) counted as collapse",
+       number(0.0, exclusive=True)),
+    _t("min_efficacy", "min_efficacy", 1.0, "minimum efficacy success of a single edit"),
+    _t("min_neighborhood", "min_neighborhood", 0.5, "locality suite: minimum neighbourhood success retained"),
+    _t("max_kl", "max_kl", 0.05, "locality suite: maximum mean KL(pre || post) on unrelated text, nats"),
+    _t("max_top1_changed", "max_top1_changed", 0.05, "locality suite: maximum fraction of unrelated-text top-1 "
+       "tokens changed"),
+    _t("min_qa_locality", "min_qa_locality", 0.5, "locality suite: minimum zsRE/EasyEdit QA locality"),
+    _t("max_accuracy_drop", "max_accuracy_drop", 0.1, "downstream suite: maximum accuracy drop per task"),
+    _t("min_trace_drop", "min_trace_drop", 0.5, "tracing: share of P(answer) the subject noise must remove"),
+    _t("min_rewrite_score", "min_rewrite_score", 0.5, "editing problems: minimum rewrite score"),
+    _t("min_sweep_success", "min_sweep_success", 0.5, "layer sweep: minimum mean edit success at the best layer"),
+)
+
+_NAME = {"editor": "editors", "cases": "n_cases", "hparam": "hparams"}   # option -> Options field, where they differ
+
+
+def _field(opt: Opt) -> str:
+    return _NAME.get(opt.dest, opt.dest)
+
+
+Options = make_dataclass(
+    "Options",
+    [(_field(o), o.type, field(default_factory=lambda d=o.default: copy.deepcopy(d)))
+     for o in OPTIONS if o.threshold is None and o.dest not in ("no_report", "baseline")]
+    + [("progress", bool, field(default=True))],
+    namespace={"__doc__": "Everything a run is configured with (fields and defaults from harness.options.OPTIONS; "
+                          "``progress``: show progress bars)."},
+)
+Options.__module__ = __name__
+
+THRESHOLD_DEFAULTS: dict[str, float] = {o.threshold: o.default for o in OPTIONS if o.threshold}
+
+
+# --- pytest glue -------------------------------------------------------------------------------------------
+def _help(opt: Opt) -> str:
+    where = f"; ini {opt.ini_key}" if opt.ini else ""
+    where += f"; env {opt.env}" if opt.env else ""
+    if opt.kind == "flag":
+        return opt.help
+    default = ",".join(map(str, opt.default)) if isinstance(opt.default, list) else opt.default
+    return f"{opt.help} (default: {default}{where})"
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """``addoption`` and ``addini`` for every row of the table."""
+    group = parser.getgroup("harness", "knowledge-editing benchmark")
+    for opt in OPTIONS:
+        if opt.kind == "flag":
+            group.addoption(opt.flag, action="store_true", default=False, dest=opt.dest, help=_help(opt))
+        else:
+            group.addoption(opt.flag, action="append" if opt.kind == "append" else "store", default=None,
+                            dest=opt.dest, metavar=opt.metavar, help=_help(opt))
+        if opt.ini:
+            default = ",".join(opt.default) if isinstance(opt.default, list) else str(opt.default)
+            parser.addini(opt.ini_key, opt.help, default=default)
+
+
+def _raw(config: pytest.Config, opt: Opt) -> Any:
+    """The option's raw value by precedence (command line, ini, environment), or None for the default."""
+    value = config.getoption(opt.dest)
+    if value is None and opt.ini:
+        value = config.getini(opt.ini_key)
+    if value is None and opt.env:
+        value = os.environ.get(opt.env) or None
+    return value
+
+
+def _parse(opt: Opt, raw: Any, root: Path) -> Any:
+    if opt.kind == "flag":
+        return bool(raw)
+    if raw is None:
+        return copy.deepcopy(opt.default)
+    if opt.kind == "append":
+        return [_parse_one(opt, item, root) for item in raw]
+    return _parse_one(opt, raw, root)
+
+
+def _parse_one(opt: Opt, raw: str, root: Path) -> Any:
+    if opt.parse is writable_dir and not Path(raw).expanduser().is_absolute():
+        raw = str(root / raw)                       # a relative report dir is relative to the rootdir
+    try:
+        return opt.parse(raw)
+    except OptionError as e:
+        raise pytest.UsageError(f"{opt.flag} {raw}: {e}") from None
+
+
+def read_values(config: pytest.Config) -> dict[str, Any]:
+    """Every option's parsed value, keyed by ``dest``; a bad value raises ``pytest.UsageError`` (one line)."""
+    root = Path(config.rootpath)
+    return {opt.dest: _parse(opt, _raw(config, opt), root) for opt in OPTIONS}
+
+
+def options_from(values: dict[str, Any], progress: bool = True) -> Any:
+    """The :class:`Options` part of ``read_values``' result."""
+    return Options(**{_field(o): values[o.dest] for o in OPTIONS
+                      if o.threshold is None and o.dest not in ("no_report", "baseline")}, progress=progress)
+
+
+def threshold_values(values: dict[str, Any]) -> dict[str, float]:
+    """The threshold part of ``read_values``' result, keyed by Thresholds field."""
+    return {o.threshold: values[o.dest] for o in OPTIONS if o.threshold}
+
+
+def validate_names(options: Any) -> None:
+    """Checks that need the registries: editor names, hyper-parameter overrides, downstream task names."""
+    from .downstream.evaluator import UnknownTaskError, parse_tasks
+    from .editors import registry
+    from .editors.base import HparamsError, validate_overrides
+
+    known = registry.names()
+    for name in options.editors:
+        if name not in known:
+            raise pytest.UsageError(f"--editor {name}: unknown editor; available: {', '.join(known)}")
+    try:
+        validate_overrides(options.hparams, options.editors)
+    except HparamsError as e:
+        raise pytest.UsageError(str(e)) from None
+    try:
+        options.downstream_tasks = parse_tasks(options.downstream_tasks)
+    except UnknownTaskError as e:
+        raise pytest.UsageError(f"--downstream-tasks: {e}") from None
+

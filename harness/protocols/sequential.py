@@ -1,0 +1,38 @@
+"""Sequential editing (collapse papers; D4S): the cases as one stream of edits without restore in between,
+journaled and resumable (``harness.sequential.SequentialRun``); the model is restored after the stream and the
+restore checked by digest."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..editing import checked_parameters, unchanged
+from ..metrics.perplexity import PROTOCOLS as PPL
+from ..sequential import SequentialRun
+from .base import Measurement
+
+if TYPE_CHECKING:
+    from ..data.case import EditCase
+    from ..editors.base import Editor
+    from ..session import HarnessSession
+    from ..timing import PhaseTimer
+
+PROTOCOLS = {"ppl_curve": PPL["ppl"], "efficacy_immediate": "rome-counterfact, right after each edit",
+             "efficacy_final": "rome-counterfact, every edit re-scored after the last one",
+             "norm_l1": "mean |W| of the edited weight after each edit (D4S)"}
+
+
+def sequential(session: HarnessSession, editor: Editor, cases: Sequence[EditCase], timer: PhaseTimer
+               ) -> Measurement:
+    """Perplexity curve, edits to collapse (``--collapse-ratio``), immediate and final efficacy, norm growth."""
+    o, lm = session.options, session.lm
+    run = SequentialRun(lm, editor, cases, perplexity=lambda: session.perplexity().mean_ppl,
+                        ppl_base=session.base_perplexity().mean_ppl,
+                        journal_dir=Path(o.report_dir) / "sequential", batch_size=o.batch_size,
+                        ppl_schedule=o.ppl_schedule, resume=o.resume, progress=o.progress)
+    with unchanged(lm, checked_parameters(lm, editor), f"the sequential run of {editor.name}"):
+        result = run.run(timer)
+    metrics = result.metrics(session.thresholds.collapse_ppl_ratio)
+    info = {"resumed_from": result.resumed_from, "batch_size": o.batch_size, "ppl_schedule": o.ppl_schedule}
+    return Measurement(metrics, dict(PROTOCOLS), info)

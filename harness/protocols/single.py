@@ -1,0 +1,43 @@
+"""Single edits (ROME paper, CounterFact): edit, score, perplexity after, restore. Also the HardEdit suite's
+single hard edits."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..editing import edited
+from ..metrics import counterfact_metrics
+from ..metrics.counterfact import PROTOCOLS as CF
+from ..metrics.perplexity import PROTOCOLS as PPL
+from .base import Measurement
+
+if TYPE_CHECKING:
+    from ..data.case import EditCase
+    from ..editors.base import Edit, Editor
+    from ..session import HarnessSession
+    from ..timing import PhaseTimer
+
+
+def counterfact(session: HarnessSession, case: EditCase, edit: Edit | None = None) -> dict[str, Any]:
+    """CounterFact metrics of ``case`` on the model as it is now (with an in-context edit's prompt prefix)."""
+    return counterfact_metrics(session.lm.model, session.lm.tokenizer, case, prefix=edit.prompt_prefix if edit else "")
+
+
+def single_edit(session: HarnessSession, editor: Editor, case: EditCase, timer: PhaseTimer) -> Measurement:
+    """CounterFact scores before (``*_pre``) and after the edit, perplexity before (once per session) and after,
+    their ratio; the model is restored after."""
+    base = session.base_perplexity()
+    with timer.phase("evaluate"):
+        pre = counterfact(session, case)
+    with edited(session.lm, editor, [case], timer) as edit:
+        with timer.phase("evaluate"):
+            post = counterfact(session, case, edit)
+        with timer.phase("perplexity"):
+            ppl = session.perplexity()
+    metrics = {**{f"{k}_pre": v for k, v in pre.items()}, **post,
+               "ppl_before": base.mean_ppl, "ppl_after": ppl.mean_ppl, "ppl_ratio": ppl.mean_ppl / base.mean_ppl,
+               "ppl_token_before": base.token_ppl, "ppl_token_after": ppl.token_ppl}
+    ppl_protocol = f"{PPL['ppl']} on {session.ppl_corpus_name()}"
+    protocols = {**{f"{k}_pre": v for k, v in CF.items()}, **CF,
+                 **{k: ppl_protocol for k in ("ppl_before", "ppl_after", "ppl_ratio")},
+                 "ppl_token_before": PPL["ppl_token"], "ppl_token_after": PPL["ppl_token"]}
+    return Measurement(metrics, protocols, dict(edit.info))

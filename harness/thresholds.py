@@ -1,0 +1,129 @@
+"""Every verdict of the benchmark in one place. A suite measures (``harness.protocols``), records, then asserts
+``not thresholds.violations_<suite>(measurement)``: each violation is one line naming the metric, its value, the
+threshold and the option that sets it. The threshold values and their defaults come from the option table
+(``harness.options.OPTIONS``: ``--collapse-ratio`` / ini ``harness_collapse_ratio``, ...)."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .options import THRESHOLD_DEFAULTS as _D
+
+if TYPE_CHECKING:
+    from .protocols.base import Measurement
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) else str(x)
+
+
+@dataclass
+class Thresholds:
+    """What the suites assert; each field is an option and an ini value (``harness.options``)."""
+
+    collapse_ppl_ratio: float = _D["collapse_ppl_ratio"]  # perplexity after / before at or above: collapse
+    min_efficacy: float = _D["min_efficacy"]              # a single edit must make P(new) > P(true) on its prompt
+    min_neighborhood: float = _D["min_neighborhood"]      # locality: neighborhood_retained
+    max_kl: float = _D["max_kl"]                          # locality: mean KL(pre || post) on unrelated text, nats
+    max_top1_changed: float = _D["max_top1_changed"]      # locality: fraction of unrelated-text top-1 tokens changed
+    min_qa_locality: float = _D["min_qa_locality"]        # locality: zsRE/EasyEdit QA locality
+    max_accuracy_drop: float = _D["max_accuracy_drop"]    # downstream: accuracy before - after, per task
+    min_trace_drop: float = _D["min_trace_drop"]          # tracing: share of P(answer) the subject noise removes
+    min_rewrite_score: float = _D["min_rewrite_score"]    # editing problems: share of the possible change achieved
+    min_sweep_success: float = _D["min_sweep_success"]    # layer sweep: mean edit success at the best swept layer
+
+    # --- single edits (and HardEdit's single hard edits) ------------------------------------------------------
+    def _collapse(self, ratio: float) -> list[str]:
+        if math.isfinite(ratio) and ratio < self.collapse_ppl_ratio:
+            return []
+        return [f"ppl_ratio={ratio:.3f} >= collapse threshold {self.collapse_ppl_ratio} (model collapsed; "
+                "--collapse-ratio)"]
+
+    def violations_single_edit(self, m: Measurement) -> list[str]:
+        out = self._collapse(m.metrics["ppl_ratio"])
+        es = m.metrics.get("efficacy_success")
+        if es is not None and es < self.min_efficacy:
+            out.append(f"efficacy_success={es:.3f} < min_efficacy {self.min_efficacy} (edit did not take; "
+                       "--min-efficacy)")
+        return out
+
+    violations_hardedit = violations_single_edit
+
+    # --- edit streams ------------------------------------------------------------------------------------------
+    def violations_sequential(self, m: Measurement) -> list[str]:
+        n = m.metrics["edits_to_collapse"]
+        if n is None:
+            return []
+        return [f"edits_to_collapse={n}: ppl_ratio reached the collapse threshold {self.collapse_ppl_ratio} within "
+                f"{m.metrics['n_edits']} edits (--collapse-ratio)"]
+
+    # --- locality ------------------------------------------------------------------------------------------------
+    def violations_locality(self, m: Measurement) -> list[str]:
+        g, out = m.metrics.get, []
+        ns = g("neighborhood_retained")
+        if ns is not None and ns < self.min_neighborhood:
+            out.append(f"neighborhood_retained={ns:.3f} < min_neighborhood {self.min_neighborhood} (the edit "
+                       "overrode neighbouring facts the model knew; --min-neighborhood)")
+        kl = g("kl_unrelated")
+        if kl is not None and not (math.isfinite(kl) and kl <= self.max_kl):
+            out.append(f"kl_unrelated={kl:.4g} > max_kl {self.max_kl} (next-token distributions on unrelated text "
+                       "drifted; --max-kl)")
+        t1 = g("top1_changed")
+        if t1 is not None and t1 > self.max_top1_changed:
+            out.append(f"top1_changed={t1:.3f} > max_top1_changed {self.max_top1_changed} (--max-top1-changed)")
+        qa = g("qa_locality")
+        if qa is not None and qa < self.min_qa_locality:
+            out.append(f"qa_locality={qa:.3f} < min_qa_locality {self.min_qa_locality} (--min-qa-locality)")
+        return out
+
+    # --- downstream ----------------------------------------------------------------------------------------------
+    def _accuracy_drops(self, m: Measurement, after: str) -> list[str]:
+        out = []
+        for key, drop in m.metrics.items():
+            task = re.fullmatch(r"downstream_(.+)_drop", key)
+            if task and drop is not None and drop > self.max_accuracy_drop:
+                t = task.group(1)
+                out.append(f"downstream_{t}: accuracy {_fmt(m.metrics.get(f'downstream_{t}_before'))} -> "
+                           f"{_fmt(m.metrics.get(f'downstream_{t}_after'))} {after} (drop {drop:.3f} > "
+                           f"max_accuracy_drop {self.max_accuracy_drop}; --max-accuracy-drop)")
+        return out
+
+    def violations_downstream(self, m: Measurement) -> list[str]:
+        return self._accuracy_drops(m, "after the edit")
+
+    def violations_correlation(self, m: Measurement) -> list[str]:
+        return self._accuracy_drops(m, f"after {m.metrics['n_edits']} hard edits")
+
+    # --- localization --------------------------------------------------------------------------------------------
+    def untraceable(self, m: Measurement) -> str | None:
+        """Why a traced fact is left out of the analysis (as in ROME), or None: the subject noise must remove at
+        least ``min_trace_drop`` of P(answer), else the prompt gives the answer away."""
+        drop = m.metrics["corruption_drop"] / m.metrics["p_clean"]
+        if drop >= self.min_trace_drop:
+            return None
+        return (f"not traceable: the subject noise removes {drop:.2f} of P(answer)={m.metrics['p_clean']:.3f} < "
+                f"min_trace_drop {self.min_trace_drop} (the prompt gives the answer away; --min-trace-drop)")
+
+    def violations_tracing(self, m: Measurement) -> list[str]:
+        effects = [e for kind in m.metrics["tracing_effect"].values() for e in kind]
+        if all(-1.0 <= e <= 1.0 for e in effects) and max(effects) > 0:
+            return []
+        return [f"tracing effects out of range or never positive (max {max(effects):.3g}): restoring clean states "
+                "recovered nothing at any layer"]
+
+    def violations_layer_sweep(self, m: Measurement) -> list[str]:
+        best = m.metrics["best_edit_success"]
+        if best >= self.min_sweep_success:
+            return []
+        return [f"best_edit_success={best:.3f} (layer {m.metrics['best_layer']}) < min_sweep_success "
+                f"{self.min_sweep_success}: {m.info.get('editor')} edits no swept layer reliably (--min-sweep-success)"]
+
+    def violations_editing_problems(self, m: Measurement) -> list[str]:
+        score = m.metrics["rewrite_score"]
+        if score >= self.min_rewrite_score:
+            return []
+        return [f"rewrite_score={score:.3f} < min_rewrite_score {self.min_rewrite_score} ({m.info.get('problem')}: "
+                f"P(target) {m.metrics['p_target_pre']:.3f} -> {m.metrics['p_target_post']:.3f}; "
+                "--min-rewrite-score)"]
