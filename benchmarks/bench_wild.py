@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from harness.data import load_cases
-from harness.data.qaedit import load_qaedit, qaedit_path
 from harness.metrics import counterfact_metrics, perplexity, score_targets
 from harness.metrics.generation import counterfact_documents, fit_tfidf, generation_metrics
 from harness.metrics.wild import case_generations, case_metrics, generations_record
@@ -129,10 +128,9 @@ def main() -> None:
     ap.add_argument("--out", default="reports/wild/bench.json")
     args = ap.parse_args()
     h = HarnessSession(Options(editors=args.editors, model=args.model, data_dir=args.data_dir, progress=False))
-    sets = {"qaedit": lambda: load_qaedit(qaedit_path(args.data_dir), limit=args.cases),
-            "counterfact": lambda: load_cases("counterfact", data_dir=args.data_dir, limit=args.cases)}
+    sets = {s: load_cases(s, data_dir=args.data_dir, limit=args.cases) for s in args.sets}
     t0 = time.perf_counter()
-    eff = efficacy_rows(h, args.editors, {s: sets[s]() for s in args.sets})
+    eff = efficacy_rows(h, args.editors, sets)
     hard = [c for c in load_cases("builtin-hard") if c.subject in args.hard]
     vec = fit_tfidf(counterfact_documents(args.data_dir))
     # unrelated prompts: the generation prompts of CounterFact records, one per record, from the end of the sample

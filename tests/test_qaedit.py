@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from harness.data import DataError
-from harness.data.qaedit import QAEDIT_FILE, load_qaedit, load_zsre_qa, qaedit_path
+from harness.data import load_cases
+from harness.data.qaedit import load_qaedit, load_zsre_qa
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = next((Path(c) for c in (os.environ.get("HARNESS_DATA_DIR"), REPO.parent / "shared" / "data")
-             if c and (Path(c) / QAEDIT_FILE).is_file()), None)
+             if c and (Path(c) / "collapse" / "QAEdit_inter_1k.json").is_file()), None)
 needs_real = pytest.mark.skipif(REAL is None, reason="real data dir not found (set HARNESS_DATA_DIR)")
 
 RECORD = {"id": 7, "source": "TQA", "prompt": "which country is toronto in?", "target": "Canada *",
@@ -72,19 +73,22 @@ def test_zsre_qa_form(tmp_path):
     assert case.locality == (("nq question: who wrote hamlet", "Shakespeare"),)     # prefix kept, as in WILD
 
 
-def test_qaedit_path_errors_name_the_fix(tmp_path, monkeypatch):
+def test_named_sets_and_errors_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
     with pytest.raises(DataError, match="--data-dir"):
-        qaedit_path(None)
+        load_cases("qaedit")
     with pytest.raises(DataError, match="QAEdit_inter_1k.json not found"):
-        qaedit_path(tmp_path)
+        load_cases("qaedit", data_dir=tmp_path)
+    (tmp_path / "collapse").mkdir()
+    _write(tmp_path / "collapse", [RECORD], "QAEdit_inter_1k.json")
+    assert load_cases("qaedit", data_dir=tmp_path)[0].source == "qaedit"
 
 
 @needs_real
 def test_real_qaedit_and_zsre_load():
-    cases = load_qaedit(qaedit_path(REAL))
+    cases = load_cases("qaedit", data_dir=REAL, limit=None)
     assert len(cases) == 1000 and all(len(c.locality) == 5 and c.paraphrase_prompts for c in cases)
     assert sum("raw_target" in c.extra for c in cases) == 1                 # "Wilt Chamberlain *"
     assert {c.extra["qa_source"] for c in cases} == {"NQ", "TQA", "SQA"}
-    zsre = load_zsre_qa(REAL / "zsre" / "zsre_mend_train_1k.json", skip_invalid=True)
+    zsre = load_cases("zsre-qa", data_dir=REAL, limit=None, skip_invalid=True)
     assert len(zsre) == 998 and all(c.extra["answers"] for c in zsre)      # 2 records have an empty 'alt'

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from .case import EditCase
-from .loaders import (DataError, Record, _Invalid, _case_id, _escape, _parse_all, _template, _text, _texts,
-                      read_json_records)
+from .loaders import (PREFIX_LOADERS, DataError, Record, _Invalid, _case_id, _escape, _parse_all, _template,
+                      _text, _texts, read_json_records)
 
 SUBSETS = ("zsre", "counterfact", "recent", "wikibio")
 PORTABILITY_GROUPS = ("Reasoning", "Subject_Aliasing", "Logical_Generalization")
@@ -177,3 +177,6 @@ def locality_items(case: EditCase) -> dict[str, list[tuple[str, str]]]:
     if groups:
         return {g: [(i["prompt"], i["answers"][0]) for i in items] for g, items in groups.items() if items}
     return {"locality": list(case.locality)} if case.locality else {}
+
+
+PREFIX_LOADERS["knowedit"] = load_knowedit        # --dataset knowedit:FILE

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from .case import EditCase
-from .loaders import (DataError, Record, _Invalid, _case_id, _get, _parse_all, _parse_zsre, _template, _text,
-                      read_json_records)
+from .loaders import (SET_LOADERS, DataError, Record, _Invalid, _case_id, _get, _parse_all, _parse_zsre,
+                      _template, _text, read_json_records)
 
-QAEDIT_FILE = "collapse/QAEdit_inter_1k.json"
 _QAEDIT_KEYS = {"id", "source", "prompt", "target", "subject", "rephrase", "locality"}
 _FOOTNOTE = re.compile(r"(^|\s+)\*$")      # a trailing footnote marker: "Wilt Chamberlain *"
 
@@ -107,13 +106,4 @@ def load_zsre_qa(path: str | os.PathLike[str], *, limit: int | None = None, skip
     return _parse_all(read_json_records(p), _parse_zsre_qa, name=p.name, limit=limit, skip_invalid=skip_invalid)
 
 
-def qaedit_path(data_dir: str | os.PathLike[str] | None) -> Path:
-    """The QAEdit file of a data dir (``collapse/QAEdit_inter_1k.json``); DataError naming the fix if absent."""
-    from .loaders import DATA_DIR_ENV, resolve_data_dir
-
-    root = resolve_data_dir(data_dir)
-    if root is None or not (root / QAEDIT_FILE).is_file():
-        where = f"{root / QAEDIT_FILE} not found" if root is not None else "no data dir"
-        raise DataError(f"dataset 'qaedit': {where}; pass --data-dir DIR (or set {DATA_DIR_ENV}) pointing at a "
-                        f"folder with {QAEDIT_FILE}, or the path of a QAEdit JSON file")
-    return root / QAEDIT_FILE
+SET_LOADERS.update({"qaedit": load_qaedit, "zsre-qa": load_zsre_qa})   # --dataset qaedit / zsre-qa

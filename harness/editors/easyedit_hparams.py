@@ -213,6 +213,18 @@ def check_modules(mapping: EasyEditHparams, model, n_layers: int) -> None:
                                    "or drop the key") from None
 
 
+def check_arch(mapping: EasyEditHparams, model, adapter, n_layers: int) -> None:
+    """:func:`check_modules`, then: the file's templates must be the run's adapter's (one architecture per run:
+    a file naming other modules of the same model is pointed at ``--arch-override``)."""
+    check_modules(mapping, model, n_layers)
+    for key, field_name in (("rewrite_module_tmp", "mlp_out"), ("layer_module_tmp", "layers")):
+        tmpl = mapping.arch_override.get(field_name)
+        if tmpl is not None and tmpl != getattr(adapter, field_name):
+            raise HparamsError(f"--hparams-file {mapping.path}: {key} {tmpl!r} is not the module the run edits "
+                               f"({getattr(adapter, field_name)!r}); pass --arch-override {field_name}={tmpl} to "
+                               "edit it (one architecture override for the whole run)")
+
+
 def parse_hparams_file_option(item: str) -> tuple[str, Path]:
     """``EDITOR=PATH.yaml`` (the ``--hparams-file`` value) -> (editor name, path)."""
     editor, sep, path = item.partition("=")

@@ -9,6 +9,7 @@ from .localization import causal_trace, editing_problem, layer_sweep, sweep_unsu
 from .locality import locality
 from .sequential import sequential
 from .single import counterfact, single_edit
+from .wild import wild
 
 __all__ = ["Measurement", "causal_trace", "correlation", "counterfact", "downstream_edit", "editing_problem",
-           "layer_sweep", "locality", "sequential", "single_edit", "sweep_unsupported"]
+           "layer_sweep", "locality", "sequential", "single_edit", "sweep_unsupported", "wild"]

@@ -9,6 +9,7 @@ from ..metrics import counterfact_metrics
 from ..metrics.counterfact import PROTOCOLS as CF
 from ..metrics.perplexity import PROTOCOLS as PPL
 from .base import Measurement
+from .wild import after, before
 
 if TYPE_CHECKING:
     from ..data.case import EditCase
@@ -24,13 +25,16 @@ def counterfact(session: HarnessSession, case: EditCase, edit: Edit | None = Non
 
 def single_edit(session: HarnessSession, editor: Editor, case: EditCase, timer: PhaseTimer) -> Measurement:
     """CounterFact scores before (``*_pre``) and after the edit, perplexity before (once per session) and after,
-    their ratio; the model is restored after."""
+    their ratio; with ``--wild`` the WILD scores, with ``--fluency`` generation fluency and consistency before and
+    after, and KnowEdit portability for KnowEdit cases; the model is restored after."""
     base = session.base_perplexity()
     with timer.phase("evaluate"):
         pre = counterfact(session, case)
+    gen_pre = before(session, case, timer, wild=session.options.wild, fluency=session.options.fluency)
     with edited(session.lm, editor, [case], timer) as edit:
         with timer.phase("evaluate"):
             post = counterfact(session, case, edit)
+        extra, extra_protocols, extra_info = after(session, case, edit, gen_pre, timer)
         with timer.phase("perplexity"):
             ppl = session.perplexity()
     metrics = {**{f"{k}_pre": v for k, v in pre.items()}, **post,
@@ -39,5 +43,5 @@ def single_edit(session: HarnessSession, editor: Editor, case: EditCase, timer: 
     ppl_protocol = f"{PPL['ppl']} on {session.ppl_corpus_name()}"
     protocols = {**{f"{k}_pre": v for k, v in CF.items()}, **CF,
                  **{k: ppl_protocol for k in ("ppl_before", "ppl_after", "ppl_ratio")},
-                 "ppl_token_before": PPL["ppl_token"], "ppl_token_after": PPL["ppl_token"]}
-    return Measurement(metrics, protocols, dict(edit.info))
+                 "ppl_token_before": PPL["ppl_token"], "ppl_token_after": PPL["ppl_token"], **extra_protocols}
+    return Measurement({**metrics, **extra}, protocols, {**edit.info, **extra_info})
