@@ -3,11 +3,12 @@
     python benchmarks/bench_wild.py --data-dir ../shared/data [--editors rome memit ft] [--cases 10]
                                     [--hard BP] [--out reports/wild/bench.json]
 
-For each editor and each of the first N QAEdit and CounterFact cases: edit, then score the edit prompt and its
-paraphrases teacher-forced (EasyEdit's token accuracy; CounterFact's probability comparison too) and in the wild
-(greedy generation, natural stop, exact match / containment), plus WILD locality against the unedited model's
-generations; restore. Then for the hard case(s): fluency (n-gram entropy of sampled text), TF-IDF consistency and
-ME-PPL_50 perplexity before and after each editor's edit. Prints markdown tables and writes every per-case record
+For each editor and each of the first N QAEdit and CounterFact cases, the WILD suite's protocol
+(``harness.protocols.wild``): edit, then score the edit prompt and its paraphrases teacher-forced (EasyEdit's token
+accuracy; CounterFact's probability comparison too) and in the wild (greedy generation, natural stop, exact match /
+containment), plus WILD locality against the unedited model's generations; restore. Then for the hard case(s) the
+single-edit protocol (fluency and consistency from the case's generation prompts, ME-PPL_50 perplexity) and fluency
+on unrelated prompts, before and after each editor's edit. Prints markdown tables and writes every per-case record
 (with the generated answers) to ``--out``.
 """
 from __future__ import annotations
@@ -21,74 +22,46 @@ from typing import Any
 
 import torch
 
+from harness import protocols
 from harness.data import load_cases
-from harness.metrics import counterfact_metrics, perplexity, score_targets
-from harness.metrics.generation import counterfact_documents, fit_tfidf, generation_metrics
-from harness.metrics.wild import case_generations, case_metrics, generations_record
+from harness.editing import edited
+from harness.metrics.generation import generation_metrics
 from harness.session import HarnessSession, Options
-
-TF_KEYS = ("rewrite_acc", "rephrase_acc", "efficacy_success", "paraphrase_success")
-WILD_KEYS = ("wild_rewrite_em", "wild_rewrite_contains", "wild_rephrase_em", "wild_rephrase_contains",
-             "wild_locality")
-
-
-def teacher_forced(lm, case) -> dict[str, Any]:
-    """EasyEdit's token accuracy on the edit prompt and paraphrases (+ CounterFact's metrics with a true target)."""
-    if case.target_true is not None:
-        return counterfact_metrics(lm.model, lm.tokenizer, case)
-    prompts = [case.rewrite_prompt, *case.paraphrase_prompts]
-    acc = [s.token_accuracy for s in score_targets(lm.model, lm.tokenizer, prompts, [case.target_new] * len(prompts))]
-    return {"rewrite_acc": acc[0], "rephrase_acc": fmean(acc[1:]) if acc[1:] else None}
-
+from harness.timing import PhaseTimer
 
 def efficacy_rows(h: HarnessSession, editors: list[str], sets: dict[str, list]) -> list[dict[str, Any]]:
-    lm, rows = h.lm, []
+    """The WILD suite's protocol per (set, editor, case): teacher-forced and WILD scores side by side."""
+    rows = []
     for set_name, cases in sets.items():
-        pre = {c.case_id: case_generations(lm.model, lm.tokenizer, c) for c in cases}     # unedited, once
-        pre_wild = {c.case_id: case_metrics(c, pre[c.case_id]) for c in cases}
         for name in editors:
-            editor = h.editor(name)
             for case in cases:
-                t0 = time.perf_counter()
-                with h.edited(editor, [case]):
-                    tf = teacher_forced(lm, case)
-                    post = case_generations(lm.model, lm.tokenizer, case)
-                    wild = case_metrics(case, post, pre[case.case_id])
-                rows.append({"set": set_name, "editor": name, "case_id": case.case_id, **tf, **wild,
-                             "pre_wild_rewrite_em": pre_wild[case.case_id]["wild_rewrite_em"],
-                             "answers": generations_record(post, 2), "seconds": time.perf_counter() - t0})
+                timer = PhaseTimer(h.lm.device)
+                m = protocols.wild(h, h.editor(name), case, timer)
+                rows.append({"set": set_name, "editor": name, "case_id": case.case_id, **m.metrics,
+                             "answers": m.info["wild_answers"], "seconds": dict(timer.seconds)})
                 r = rows[-1]
                 print(f"  {set_name} {name} {case.case_id}: TF {r['rewrite_acc']:.2f} WILD em "
                       f"{r['wild_rewrite_em']:.0f} contains {r['wild_rewrite_contains']:.0f} "
-                      f"answer {r['answers']['rewrite'][0]!r} ({r['seconds']:.0f}s)", flush=True)
+                      f"answer {r['answers']['rewrite'][0]!r}", flush=True)
     return rows
 
 
-def fluency_rows(h: HarnessSession, editors: list[str], hard: list, vectorizer, unrelated: list[str]
-                 ) -> list[dict[str, Any]]:
-    """Fluency from the case's own generation prompts and from ``unrelated`` prompts, and ME-PPL, around each edit."""
+def fluency_rows(h: HarnessSession, editors: list[str], hard: list, unrelated: list[str]) -> list[dict[str, Any]]:
+    """The single-edit protocol on each hard case (fluency and consistency from the case's own generation
+    prompts, perplexity), plus fluency on ``unrelated`` prompts before and after the same edit."""
     lm, rows = h.lm, []
-    texts = h.ppl_texts()
-    base_ppl = perplexity(lm.model, lm.tokenizer, texts).mean_ppl
-
-    def measure(case) -> dict[str, Any]:
-        own, own_texts = generation_metrics(lm.model, lm.tokenizer, case, vectorizer=vectorizer)
-        other, other_texts = generation_metrics(lm.model, lm.tokenizer, case, prefixes=unrelated)
-        return {"fluency": own["fluency"], "consistency": own["consistency"], "fluency_unrelated": other["fluency"],
-                "text": own_texts[0], "text_unrelated": other_texts[0]}
-
     for case in hard:
-        before = measure(case)
+        other_pre, _ = generation_metrics(lm.model, lm.tokenizer, case, prefixes=unrelated)
         for name in editors:
-            with h.edited(h.editor(name), [case]):
-                after = measure(case)
-                ppl = perplexity(lm.model, lm.tokenizer, texts).mean_ppl
-            rows.append({"case_id": case.case_id, "subject": case.subject, "editor": name, "ppl_before": base_ppl,
-                         "ppl_after": ppl, **{f"{k}_before": v for k, v in before.items()},
-                         **{f"{k}_after": v for k, v in after.items()}})
-            print(f"  {case.subject} {name}: fluency {before['fluency']:.2f} -> {after['fluency']:.2f}, unrelated "
-                  f"{before['fluency_unrelated']:.2f} -> {after['fluency_unrelated']:.2f}, ppl {base_ppl:.1f} -> "
-                  f"{ppl:.1f}; {after['text_unrelated'][:100]!r}", flush=True)
+            m = protocols.single_edit(h, h.editor(name), case, PhaseTimer(lm.device))
+            with edited(lm, h.editor(name), [case]):
+                other, texts = generation_metrics(lm.model, lm.tokenizer, case, prefixes=unrelated)
+            rows.append({"case_id": case.case_id, "subject": case.subject, "editor": name, **m.metrics,
+                         "fluency_unrelated_pre": other_pre["fluency"], "fluency_unrelated": other["fluency"],
+                         "text": m.info.get("generated_text"), "text_unrelated": texts[0][:300]})
+            print(f"  {case.subject} {name}: fluency {m.metrics['fluency_pre']:.2f} -> {m.metrics['fluency']:.2f}, "
+                  f"unrelated {other_pre['fluency']:.2f} -> {other['fluency']:.2f}, ppl x{m.metrics['ppl_ratio']:.1f}; "
+                  f"{texts[0][:100]!r}", flush=True)
     return rows
 
 
@@ -99,21 +72,21 @@ def _m(rows, key) -> str:
 
 def print_tables(eff: list[dict], flu: list[dict]) -> None:
     print("\n| set | editor | TF rewrite acc | TF rephrase acc | ES (prob.) | WILD rewrite EM | WILD rewrite "
-          "contains | WILD rephrase EM | WILD rephrase contains | WILD locality | WILD EM before edit |")
+          "contains | WILD rephrase EM | WILD rephrase contains | WILD locality | WILD contains before edit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key in dict.fromkeys((r["set"], r["editor"]) for r in eff):
         rs = [r for r in eff if (r["set"], r["editor"]) == key]
         print(f"| {key[0]} | {key[1]} | {_m(rs, 'rewrite_acc')} | {_m(rs, 'rephrase_acc')} | "
               f"{_m(rs, 'efficacy_success')} | {_m(rs, 'wild_rewrite_em')} | {_m(rs, 'wild_rewrite_contains')} | "
               f"{_m(rs, 'wild_rephrase_em')} | {_m(rs, 'wild_rephrase_contains')} | {_m(rs, 'wild_locality')} | "
-              f"{_m(rs, 'pre_wild_rewrite_em')} |")
+              f"{_m(rs, 'wild_rewrite_contains_pre')} |")
     print("\n| hard case | editor | fluency (own prompts) | fluency (unrelated prompts) | consistency | ME-PPL |")
     print("|---|---|---|---|---|---|")
     for r in flu:
-        print(f"| {r['subject']} | {r['editor']} | {r['fluency_before']:.2f} -> {r['fluency_after']:.2f} | "
-              f"{r['fluency_unrelated_before']:.2f} -> {r['fluency_unrelated_after']:.2f} | "
-              f"{r['consistency_before']:.3f} -> {r['consistency_after']:.3f} | "
-              f"{r['ppl_before']:.1f} -> {r['ppl_after']:.1f} |")
+        print(f"| {r['subject']} | {r['editor']} | {r['fluency_pre']:.2f} -> {r['fluency']:.2f} | "
+              f"{r['fluency_unrelated_pre']:.2f} -> {r['fluency_unrelated']:.2f} | "
+              f"{r['consistency_pre']:.3f} -> {r['consistency']:.3f} | "
+              f"{r['ppl_before']:.1f} -> {r['ppl_after']:.1f} (x{r['ppl_ratio']:.1f}) |")
 
 
 def main() -> None:
@@ -132,10 +105,9 @@ def main() -> None:
     t0 = time.perf_counter()
     eff = efficacy_rows(h, args.editors, sets)
     hard = [c for c in load_cases("builtin-hard") if c.subject in args.hard]
-    vec = fit_tfidf(counterfact_documents(args.data_dir))
     # unrelated prompts: the generation prompts of CounterFact records, one per record, from the end of the sample
     unrelated = [c.generation_prompts[0] for c in load_cases("counterfact", data_dir=args.data_dir)[-args.unrelated:]]
-    flu = fluency_rows(h, args.editors, hard, vec, unrelated) if hard else []
+    flu = fluency_rows(h, args.editors, hard, unrelated) if hard else []
     print_tables(eff, flu)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -161,3 +161,33 @@ def test_wild_switch_and_ini(pytester):
     result = pytester.runpytest("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: --wild maybe: expected true or false"])
+
+
+def _spec_for(name: str, specs) -> dict | None:
+    import re
+    base = name.removesuffix("_pre")
+    for spec in specs:
+        pattern = "^" + re.sub(r"\\\{\w+\\\}", ".+", re.escape(spec["name"])) + "$"
+        if re.match(pattern, base):
+            return spec
+    return None
+
+
+def test_every_new_metric_has_a_registry_spec(h):
+    """What the metric registry needs for each metric these protocols add (METRIC_SPECS, MetricSpec's fields)."""
+    import importlib
+
+    from harness.metrics import generation, knowedit, wild
+    specs = [*wild.METRIC_SPECS, *generation.METRIC_SPECS, *knowedit.METRIC_SPECS,
+             *importlib.import_module("harness.protocols.sequential").METRIC_SPECS]
+    for spec in specs:
+        assert {"name", "protocol", "higher_is_better", "label", "description"} <= set(spec)
+    case = load_cases(f"knowedit:{DATA / 'knowedit' / 'zsre.json'}")[0]
+    rome = h.editor("rome")
+    names = set(protocols.single_edit(h, rome, case, PhaseTimer()).metrics)
+    names |= set(protocols.locality(h, rome, case, PhaseTimer()).metrics)
+    names |= set(protocols.sequential(h, rome, h.cases(limit=1), PhaseTimer()).metrics)
+    new = {n for n in names if n.startswith(("wild_", "fluency", "consistency", "portability", "locality_",
+                                             "knowedit_", "rewrite_acc_final"))}
+    assert {"wild_rewrite_em", "fluency", "portability_reasoning", "locality_relation_specificity"} <= new
+    assert [n for n in sorted(new) if _spec_for(n, specs) is None] == []

@@ -55,6 +55,16 @@ PROTOCOLS: dict[str, str] = {
     "consistency": "rome-generation: TF-IDF cosine between the generated texts and target_new completions of the "
                    "attribute prompts (IDF fit on CounterFact texts)",
 }
+# For the metric registry (``MetricSpec`` keyword arguments; ``fluency_pre`` / ``consistency_pre`` are the
+# registry's generic before-edit family).
+METRIC_SPECS: tuple[dict[str, Any], ...] = (
+    dict(name="fluency", protocol=PROTOCOLS["fluency"], higher_is_better=True, aggregation="mean", unit="bits",
+         label="fluency", description="n-gram entropy of text generated after the edit (falls when a model "
+                                      "repeats itself)"),
+    dict(name="consistency", protocol=PROTOCOLS["consistency"], higher_is_better=True, aggregation="mean",
+         unit="cosine", label="consistency", description="TF-IDF similarity of generated text to statements "
+                                                         "about the new target"),
+)
 NGRAM_ORDERS = (2, 3)
 NGRAM_WEIGHTS = (2 / 3, 4 / 3)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from statistics import fmean
+from typing import Any
 
 from ..data.knowedit import locality_items, portability_items
 from ..locality import answer_argmax
@@ -33,6 +34,21 @@ PROTOCOLS: dict[str, str] = {
                          "teacher-forced argmax is unchanged by the edit",
     "wild_portability": "wild: fraction of portability prompts whose greedy answer contains an alias of the answer",
 }
+
+# For the metric registry (``MetricSpec`` keyword arguments); ``{group}`` names are families.
+METRIC_SPECS: tuple[dict[str, Any], ...] = (
+    dict(name="portability", protocol=PROTOCOLS["portability"], higher_is_better=True, label="portability",
+         description="KnowEdit portability, mean over groups", unit="fraction"),
+    dict(name="portability_{group}", protocol=PROTOCOLS["portability"], higher_is_better=True,
+         label="portability {group}", description="KnowEdit portability of the {group} prompts", unit="fraction"),
+    dict(name="knowedit_locality", protocol=PROTOCOLS["knowedit_locality"], higher_is_better=True,
+         label="KnowEdit locality", description="KnowEdit locality, mean over groups", unit="fraction"),
+    dict(name="locality_{group}", protocol=PROTOCOLS["knowedit_locality"], higher_is_better=True,
+         label="locality {group}", description="KnowEdit locality of the {group} prompts", unit="fraction"),
+    dict(name="wild_portability", protocol=PROTOCOLS["wild_portability"], higher_is_better=True,
+         label="WILD portability", description="portability prompts answered (containment), generating",
+         unit="fraction"),
+)
 
 
 def metric_name(kind: str, group: str) -> str:

@@ -66,6 +66,16 @@ PROTOCOLS: dict[str, str] = {
     "wild_locality_em": f"{PROTOCOL}: mean over locality pairs of exact match with the pair's answer, after the edit",
 }
 
+# For the metric registry (``harness.metrics.registry.MetricSpec`` keyword arguments; ``<name>_pre`` variants are the
+# registry's generic before-edit family). The registry is not on this branch yet: its owner registers these.
+METRIC_SPECS: tuple[dict[str, Any], ...] = tuple(
+    dict(name=name, protocol=PROTOCOLS[name], higher_is_better=True, aggregation="mean", unit="fraction",
+         label=label, description=PROTOCOLS[name].split(": ", 1)[1])
+    for name, label in (("wild_rewrite_em", "WILD ES"), ("wild_rewrite_contains", "WILD ES contains"),
+                        ("wild_rephrase_em", "WILD PS"), ("wild_rephrase_contains", "WILD PS contains"),
+                        ("wild_neighborhood_em", "WILD NS"), ("wild_neighborhood_contains", "WILD NS contains"),
+                        ("wild_locality", "WILD locality"), ("wild_locality_em", "WILD QA locality")))
+
 
 # ------------------------------------------------------------------------------------------------ answer matching
 

@@ -27,6 +27,15 @@ PROTOCOLS = {"ppl_curve": PPL["ppl"], "efficacy_immediate": "rome-counterfact, r
              "wild_efficacy_final": f"{WILD_PROTOCOL}: contains target_new, every edit re-scored after the last one",
              "wild_em_final": f"{WILD_PROTOCOL}: exact match, every edit re-scored after the last one"}
 
+# For the metric registry (``MetricSpec`` keyword arguments): the WILD additions of this protocol.
+METRIC_SPECS = tuple(dict(name=k, protocol=PROTOCOLS[k], higher_is_better=True, unit="fraction", label=label,
+                          description=PROTOCOLS[k].split(": ", 1)[1])
+                     for k, label in (("wild_efficacy_immediate", "WILD ES immediate"),
+                                      ("wild_efficacy_final", "WILD ES final"), ("wild_em_final", "WILD EM final"))
+                     ) + (dict(name="rewrite_acc_final", protocol=PROTOCOLS["rewrite_acc_final"],
+                               higher_is_better=True, unit="fraction", label="TF acc final",
+                               description="teacher-forced token accuracy of every edit after the last"),)
+
 
 def sequential(session: HarnessSession, editor: Editor, cases: Sequence[EditCase], timer: PhaseTimer
                ) -> Measurement:
