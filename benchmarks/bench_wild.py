@@ -29,24 +29,36 @@ from harness.metrics.generation import generation_metrics
 from harness.session import HarnessSession, Options
 from harness.timing import PhaseTimer
 
-def efficacy_rows(h: HarnessSession, editors: list[str], sets: dict[str, list]) -> list[dict[str, Any]]:
-    """The WILD suite's protocol per (set, editor, case): teacher-forced and WILD scores side by side."""
+def _log(path: Path, row: dict[str, Any]) -> None:
+    """Append one record to the JSON-lines log (a long run keeps what it measured if it is stopped)."""
+    with path.open("a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+
+
+def efficacy_rows(h: HarnessSession, editors: list[str], sets: dict[str, list], log: Path) -> list[dict[str, Any]]:
+    """The WILD suite's protocol per (set, editor, case): teacher-forced and WILD scores side by side. Case i of
+    every set and editor comes before case i + 1, so a run stopped early has the same cases for every editor."""
     rows = []
-    for set_name, cases in sets.items():
-        for name in editors:
-            for case in cases:
-                timer = PhaseTimer(h.lm.device)
+    for i in range(max(len(c) for c in sets.values())):
+        for set_name, cases in sets.items():
+            for name in editors:
+                if i >= len(cases):
+                    continue
+                case, timer = cases[i], PhaseTimer(h.lm.device)
                 m = protocols.wild(h, h.editor(name), case, timer)
                 rows.append({"set": set_name, "editor": name, "case_id": case.case_id, **m.metrics,
                              "answers": m.info["wild_answers"], "seconds": dict(timer.seconds)})
                 r = rows[-1]
+                _log(log, r)
+                t = " ".join(f"{k} {v:.0f}s" for k, v in r["seconds"].items())
                 print(f"  {set_name} {name} {case.case_id}: TF {r['rewrite_acc']:.2f} WILD em "
                       f"{r['wild_rewrite_em']:.0f} contains {r['wild_rewrite_contains']:.0f} "
-                      f"answer {r['answers']['rewrite'][0]!r}", flush=True)
+                      f"answer {r['answers']['rewrite'][0]!r} ({t})", flush=True)
     return rows
 
 
-def fluency_rows(h: HarnessSession, editors: list[str], hard: list, unrelated: list[str]) -> list[dict[str, Any]]:
+def fluency_rows(h: HarnessSession, editors: list[str], hard: list, unrelated: list[str], log: Path
+                 ) -> list[dict[str, Any]]:
     """The single-edit protocol on each hard case (fluency and consistency from the case's own generation
     prompts, perplexity), plus fluency on ``unrelated`` prompts before and after the same edit."""
     lm, rows = h.lm, []
@@ -59,6 +71,7 @@ def fluency_rows(h: HarnessSession, editors: list[str], hard: list, unrelated: l
             rows.append({"case_id": case.case_id, "subject": case.subject, "editor": name, **m.metrics,
                          "fluency_unrelated_pre": other_pre["fluency"], "fluency_unrelated": other["fluency"],
                          "text": m.info.get("generated_text"), "text_unrelated": texts[0][:300]})
+            _log(log, rows[-1])
             print(f"  {case.subject} {name}: fluency {m.metrics['fluency_pre']:.2f} -> {m.metrics['fluency']:.2f}, "
                   f"unrelated {other_pre['fluency']:.2f} -> {other['fluency']:.2f}, ppl x{m.metrics['ppl_ratio']:.1f}; "
                   f"{texts[0][:100]!r}", flush=True)
@@ -103,14 +116,16 @@ def main() -> None:
     h = HarnessSession(Options(editors=args.editors, model=args.model, data_dir=args.data_dir, progress=False))
     sets = {s: load_cases(s, data_dir=args.data_dir, limit=args.cases) for s in args.sets}
     t0 = time.perf_counter()
-    eff = efficacy_rows(h, args.editors, sets)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.with_suffix(".jsonl")
+    log.write_text("")
     hard = [c for c in load_cases("builtin-hard") if c.subject in args.hard]
     # unrelated prompts: the generation prompts of CounterFact records, one per record, from the end of the sample
     unrelated = [c.generation_prompts[0] for c in load_cases("counterfact", data_dir=args.data_dir)[-args.unrelated:]]
-    flu = fluency_rows(h, args.editors, hard, unrelated) if hard else []
+    flu = fluency_rows(h, args.editors, hard, unrelated, log) if hard else []     # the short part first
+    eff = efficacy_rows(h, args.editors, sets, log)
     print_tables(eff, flu)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"efficacy": eff, "fluency": flu, "threads": torch.get_num_threads(),
                                "seconds": time.perf_counter() - t0}, indent=1, default=str))
     print(f"\n{len(eff)} edits + {len(flu)} hard edits in {time.perf_counter() - t0:.0f} s; records in {out}")

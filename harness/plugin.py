@@ -228,8 +228,9 @@ class RunCollector:
             return
         tr = terminalreporter
         tr.section("knowledge-editing benchmark")
-        cols = [("efficacy_success", "ES"), ("paraphrase_success", "PS"), ("neighborhood_success", "NS"),
-                ("ppl_ratio", "ppl x"), ("edits_to_collapse", "collapse@")]
+        cols = [("efficacy_success", "ES"), ("rewrite_acc", "TF acc"), ("wild_rewrite_em", "WILD em"),
+                ("paraphrase_success", "PS"), ("neighborhood_success", "NS"), ("ppl_ratio", "ppl x"),
+                ("edits_to_collapse", "collapse@")]
         summary = self.run.summary()
         tr.write_line(f"{'editor/suite':28} {'n':>4} {'pass':>5} " + " ".join(f"{h:>9}" for _, h in cols)
                       + f" {'edit s':>8} {'eval s':>8} {'ppl s':>8}")
