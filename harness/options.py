@@ -8,6 +8,7 @@ environment variable (rows with ``env``), then the default.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import os
@@ -33,6 +34,30 @@ Parser = Callable[[str], Any]
 
 def text(raw: str) -> str:
     return str(raw)
+
+
+def boolean(raw: Any) -> bool:
+    """A switch's value from the command line (already a bool), an ini file or the environment (true/false...)."""
+    if isinstance(raw, bool):
+        return raw
+    s = str(raw).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise OptionError("expected true or false")
+
+
+def hparams_file(raw: str) -> tuple[str, str]:
+    """``EDITOR=PATH.yaml``: an EasyEdit hyper-parameter file for one editor (the file itself is read at start-up
+    by ``validate_names``, once the editor names are known)."""
+    from .editors.base import HparamsError
+    from .editors.easyedit_hparams import parse_hparams_file_option
+    try:
+        editor, path = parse_hparams_file_option(raw)
+    except HparamsError as e:
+        raise OptionError(str(e).split(": ", 1)[-1]) from None
+    return editor, str(path)
 
 
 def integer(minimum: int = 1, allow_all: bool = False) -> Parser:
@@ -187,7 +212,8 @@ def run_json_file(raw: str) -> str:
 @dataclass(frozen=True)
 class Opt:
     """One option. ``dest`` names the :class:`Options` field (or the threshold); ``kind`` is ``value``, ``flag``
-    (store_true) or ``append`` (repeatable, each item parsed)."""
+    (store_true), ``switch`` (``--name`` / ``--no-name``, default ``default``) or ``append`` (repeatable, each item
+    parsed)."""
 
     dest: str
     parse: Parser
@@ -230,7 +256,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("data_dir", text, None, "folder with the benchmark data (counterfact/, zsre/, collapse/, corpus/)",
         env="HARNESS_DATA_DIR", type=str | None),
     Opt("dataset", text, "auto", "auto (counterfact with a data dir, else builtin), builtin, builtin-hard, "
-        "counterfact, zsre, counterfact-easyedit, a file, or hf:owner/name", type=str),
+        "counterfact, zsre, zsre-qa, counterfact-easyedit, qaedit, knowedit:FILE, a file, or hf:owner/name",
+        type=str),
     Opt("cases", integer(1, allow_all=True), 10, "number of cases: N >= 1 or all", ini=True, type=int | None),
     Opt("skip_invalid", bool, False, "skip malformed records instead of failing", kind="flag", type=bool),
     Opt("ppl_corpus", text, "auto", "perplexity texts: auto (ME-PPL_50 with a data dir, else builtin)", type=str),
@@ -245,6 +272,17 @@ OPTIONS: tuple[Opt, ...] = (
         env="HARNESS_CACHE_DIR", type=str | None),
     Opt("hparam", text, [], "override a hyper-parameter, e.g. --hparam rome.layer=6 (repeatable)", kind="append",
         metavar="[EDITOR.]KEY=VALUE", type=list),
+    Opt("hparams_file", hparams_file, [], "an EasyEdit hyper-parameter YAML for one editor, mapped onto its "
+        "hyper-parameters and recorded in the run (repeatable; --hparam still overrides)", kind="append",
+        metavar="EDITOR=PATH.yaml", type=list),
+    # evaluation in the wild and generation metrics (docs/wild.md)
+    Opt("wild", boolean, True, "WILD metrics (greedy generation, natural stop, exact match / containment) beside "
+        "the teacher-forced ones in the single-edit, sequential and locality suites; --no-wild for speed",
+        ini=True, kind="switch", type=bool),
+    Opt("fluency", boolean, True, "ROME's generation fluency (n-gram entropy) and consistency (TF-IDF) before and "
+        "after single edits; --no-fluency for speed", ini=True, kind="switch", type=bool),
+    Opt("wild_dataset", text, "auto", "WILD suite cases: auto (qaedit with a data dir, else the run's dataset), or "
+        "any --dataset value", type=str),
     Opt("report_dir", writable_dir, "reports", "where the run JSON, HTML report and sequential journals go",
         type=str),
     Opt("no_report", bool, False, "write no run JSON / HTML", kind="flag", type=bool),
@@ -307,6 +345,10 @@ OPTIONS: tuple[Opt, ...] = (
     _t("max_top1_changed", "max_top1_changed", 0.05, "locality suite: maximum fraction of unrelated-text top-1 "
        "tokens changed"),
     _t("min_qa_locality", "min_qa_locality", 0.5, "locality suite: minimum zsRE/EasyEdit QA locality"),
+    _t("min_wild_efficacy", "min_wild_efficacy", 0.0, "minimum WILD efficacy (the generated answer contains the "
+       "new target) of a single edit; 0: reported, not asserted"),
+    _t("min_fluency_ratio", "min_fluency_ratio", 0.0, "minimum generation fluency after / before a single edit "
+       "(collapse shows as fluency falling); 0: reported, not asserted"),
     _t("max_accuracy_drop", "max_accuracy_drop", 0.1, "downstream suite: maximum accuracy drop per task"),
     _t("min_trace_drop", "min_trace_drop", 0.5, "tracing: share of P(answer) the subject noise must remove"),
     _t("min_rewrite_score", "min_rewrite_score", 0.5, "editing problems: minimum rewrite score"),
@@ -339,6 +381,8 @@ def _help(opt: Opt) -> str:
     where += f"; env {opt.env}" if opt.env else ""
     if opt.kind == "flag":
         return opt.help
+    if opt.kind == "switch":
+        return f"{opt.help} (default: {'on' if opt.default else 'off'}{where})"
     default = ",".join(map(str, opt.default)) if isinstance(opt.default, list) else opt.default
     return f"{opt.help} (default: {default}{where})"
 
@@ -349,11 +393,15 @@ def add_options(parser: pytest.Parser) -> None:
     for opt in OPTIONS:
         if opt.kind == "flag":
             group.addoption(opt.flag, action="store_true", default=False, dest=opt.dest, help=_help(opt))
+        elif opt.kind == "switch":
+            group.addoption(opt.flag, action=argparse.BooleanOptionalAction, default=None, dest=opt.dest,
+                            help=_help(opt))
         else:
             group.addoption(opt.flag, action="append" if opt.kind == "append" else "store", default=None,
                             dest=opt.dest, metavar=opt.metavar, help=_help(opt))
         if opt.ini:
-            default = ",".join(opt.default) if isinstance(opt.default, list) else str(opt.default)
+            default = (",".join(opt.default) if isinstance(opt.default, list)
+                       else str(opt.default).lower() if isinstance(opt.default, bool) else str(opt.default))
             parser.addini(opt.ini_key, opt.help, default=default)
 
 
@@ -407,6 +455,26 @@ def options_from(values: dict[str, Any], progress: bool = True) -> Any:
 def threshold_values(values: dict[str, Any]) -> dict[str, float]:
     """The threshold part of ``read_values``' result, keyed by Thresholds field."""
     return {o.threshold: values[o.dest] for o in OPTIONS if o.threshold}
+
+
+def validate_hparams_files(items: list[tuple[str, str]]) -> dict[str, Any]:
+    """Read every ``--hparams-file`` now (one warning per ignored key): a wrong editor, a missing or malformed file,
+    or a file for another method is a usage error of one line. Returns editor -> what the file became."""
+    from .editors import registry
+    from .editors.base import HparamsError, UnknownEditorError
+    from .editors.easyedit_hparams import map_easyedit_hparams
+
+    out: dict[str, Any] = {}
+    for editor, path in items:
+        if editor in out:
+            raise pytest.UsageError(f"--hparams-file {editor}={path}: a second file for editor {editor!r}")
+        try:
+            out[editor] = map_easyedit_hparams(path, registry.get(editor))
+        except UnknownEditorError as e:
+            raise pytest.UsageError(f"--hparams-file {editor}={path}: {e}") from None
+        except HparamsError as e:
+            raise pytest.UsageError(str(e)) from None
+    return out
 
 
 def validate_names(options: Any) -> None:

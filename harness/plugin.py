@@ -4,13 +4,15 @@ assert ``harness.thresholds``' verdicts. Registered through the ``pytest11`` ent
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .data import DataError
-from .options import add_options, options_from, read_values, threshold_values, validate_names
+from .options import (add_options, options_from, read_values, threshold_values, validate_hparams_files,
+                      validate_names)
 from .protocols import Measurement
 from .run import BenchmarkRun, Record
 from .session import HarnessSession, ModelUnavailable
@@ -51,6 +53,11 @@ def pytest_configure(config: pytest.Config) -> None:
     values = read_values(config)              # every bad value is a usage error here, before anything loads
     options = options_from(values, progress=config.getoption("capture") == "no" or not os.environ.get("CI"))
     validate_names(options)
+    with warnings.catch_warnings(record=True) as ignored_keys:   # EasyEdit keys the harness does not use
+        warnings.simplefilter("always")
+        hparams_files = validate_hparams_files(options.hparams_file)
+    for w in ignored_keys:                                      # shown in the warnings summary, once per key
+        config.issue_config_time_warning(w.message, stacklevel=2)
     thresholds = Thresholds(**threshold_values(values))
     from .metrics.registry import REGISTRY
     config.hook.pytest_harness_register_metrics(registry=REGISTRY)
@@ -58,7 +65,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RUN] = BenchmarkRun(config={
         "editors": options.editors, "model": options.model, "dataset": options.dataset, "n_cases": options.n_cases,
         "data_dir": options.data_dir, "hparam_overrides": options.hparams, "device": options.device,
-        "dtype": options.dtype}, thresholds=thresholds)
+        "dtype": options.dtype, "wild": options.wild, "fluency": options.fluency,
+        "hparams_files": {e: m.record() for e, m in hparams_files.items()}}, thresholds=thresholds)
     if worker is None:
         baseline = None
         if values["baseline"]:
@@ -101,6 +109,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         spec = marker.args[0] if marker else None
         if spec == "hard":
             spec = session.options.hard_dataset
+        elif spec == "wild":
+            spec = session.wild_dataset_name()
         cases = (session.known_cases(session.options.known_cases) if spec == "known"
                  else session.cases(spec) if spec else session.cases())
         metafunc.parametrize("case", cases, ids=[c.case_id for c in cases])

@@ -88,30 +88,38 @@ class SequentialResult:
         return None
 
     def metrics(self, collapse_ratio: float) -> dict[str, Any]:
-        imm = [v for s in self.steps for v in s["efficacy"]]
-        fin = [f["efficacy_success"] for f in self.final.values()]
+        def mean_of(values) -> float | None:
+            values = [v for v in values if v is not None]
+            return fmean(values) if values else None
+
         norm_series = {}
         for s in self.steps:
             for name, v in s["norms"].items():
                 norm_series.setdefault(name, []).append([s["n_edits"], v["l1"]])
         first = next(iter(norm_series.values()), [])
         curve = self.ppl_curve()
-        return {
+        fin = self.final.values()
+        out = {
             "n_edits": self.steps[-1]["n_edits"] if self.steps else 0,
             "edits_to_collapse": self.edits_to_collapse(collapse_ratio),
             "ppl_curve": curve, "ppl_before": self.ppl_base, "ppl_after": curve[-1][1],
             "ppl_ratio": curve[-1][1] / self.ppl_base,
-            "efficacy_immediate": fmean(imm) if imm else None, "efficacy_final": fmean(fin) if fin else None,
-            "paraphrase_final": fmean(f["paraphrase_success"] for f in self.final.values()
-                                      if f["paraphrase_success"] is not None) if self.final else None,
-            "neighborhood_final": fmean(f["neighborhood_success"] for f in self.final.values()
-                                        if f["neighborhood_success"] is not None) if self.final else None,
+            "efficacy_immediate": mean_of(v for s in self.steps for v in s["efficacy"]),
+            "efficacy_final": mean_of(f.get("efficacy_success") for f in fin),
+            "paraphrase_final": mean_of(f.get("paraphrase_success") for f in fin),
+            "neighborhood_final": mean_of(f.get("neighborhood_success") for f in fin),
+            "rewrite_acc_final": mean_of(f.get("rewrite_acc") for f in fin),
             "norm_l1": first,                      # mean |W| of the (first) edited weight after each edit
             "norm_l1_by_param": norm_series,
             "delta_fro": [[s["n_edits"], sum(v["delta_fro"] for v in s["norms"].values())] for s in self.steps],
             "l1_before": self.l1_before, "l1_after": self.l1_after,
             "norm_growth": norm_growth(self.l1_before, self.l1_after),
         }
+        if any("wild_efficacy" in s for s in self.steps):      # WILD (--wild): the generated answer
+            out["wild_efficacy_immediate"] = mean_of(v for s in self.steps for v in s.get("wild_efficacy", []))
+            out["wild_efficacy_final"] = mean_of(f.get("wild_rewrite_contains") for f in fin)
+            out["wild_em_final"] = mean_of(f.get("wild_rewrite_em") for f in fin)
+        return out
 
 
 class ResumeError(RuntimeError):
@@ -212,18 +220,19 @@ class SequentialRun:
 
     def __init__(self, lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *,
                  perplexity: Callable[[], float], ppl_base: float, journal_dir: Path, batch_size: int = 1,
-                 ppl_schedule: str = "every", resume: bool = False, progress: bool = False):
+                 ppl_schedule: str = "every", resume: bool = False, progress: bool = False, wild: bool = False):
         if batch_size > 1 and not editor.supports_batch:
             raise ValueError(f"editor {editor.name!r} edits one case at a time; use --batch-size 1")
         self.lm, self.editor, self.cases = lm, editor, list(cases)
         self.perplexity, self.ppl_base = perplexity, ppl_base
-        self.batch_size, self.resume, self.progress = batch_size, resume, progress
+        self.batch_size, self.resume, self.progress, self.wild = batch_size, resume, progress, wild
         self.batches = [self.cases[i:i + batch_size] for i in range(0, len(self.cases), batch_size)]
         self.ppl_points = set(schedule_points(len(self.cases), ppl_schedule))
         # everything that makes two runs' records comparable: a journal is only ever resumed by the same run
         self.key = hashlib.sha256(json.dumps([editor.name, lm.identity.get("fingerprint"),
                                               [c.case_id for c in cases], batch_size, ppl_schedule,
-                                              editor.describe()["hparams"]], default=str).encode()).hexdigest()
+                                              editor.describe()["hparams"], bool(wild)],
+                                             default=str).encode()).hexdigest()
         self.journal = Path(journal_dir) / f"{editor.name}-{self.key[:12]}.jsonl"
         self.checkpoint = self.journal.with_suffix(".pt")
         self.lock = JournalLock(self.journal)
@@ -385,9 +394,12 @@ class SequentialRun:
                 with timer.phase("perplexity"):
                     ppl = self.perplexity()
             step = {"n_edits": n_edits, "case_ids": [c.case_id for c in batch], "ppl": ppl,
-                    "efficacy": [s["efficacy_success"] for s in scores],
-                    "paraphrase": [s["paraphrase_success"] for s in scores],
+                    "efficacy": [s.get("efficacy_success") for s in scores],
+                    "paraphrase": [s.get("paraphrase_success") for s in scores],
                     "norms": layer_norms(original, lm.model), "edit_seconds": edit.seconds}
+            if self.wild:
+                with timer.phase("wild"):
+                    step["wild_efficacy"] = [w.contains for w in _wild_rewrite(lm, batch, edit.prompt_prefix)]
             if edit.prompt_prefix:
                 step["prompt_prefix"] = edit.prompt_prefix
             line = json.dumps(step)
@@ -403,6 +415,17 @@ class SequentialRun:
         with timer.phase("evaluate_final"):
             for c in self.cases:
                 m = counterfact_metrics(lm.model, lm.tokenizer, c, prefix=self.prompt_prefix)
-                result.final[c.case_id] = {k: m[k] for k in ("efficacy_success", "paraphrase_success",
-                                                             "neighborhood_success")}
+                result.final[c.case_id] = {k: m.get(k) for k in ("efficacy_success", "paraphrase_success",
+                                                                 "neighborhood_success", "rewrite_acc")}
+            if self.wild:
+                for c, w in zip(self.cases, _wild_rewrite(lm, self.cases, self.prompt_prefix)):
+                    result.final[c.case_id].update(wild_rewrite_contains=float(w.contains),
+                                                   wild_rewrite_em=float(w.exact))
         return result
+
+
+def _wild_rewrite(lm: LoadedModel, cases: Sequence[EditCase], prefix: str) -> list:
+    """WILD scores (greedy generation, natural stop) of each case's edit prompt against its new target."""
+    from .metrics.wild import wild_scores
+    return wild_scores(lm.model, lm.tokenizer, [c.rewrite_prompt for c in cases], [c.target_new for c in cases],
+                       prefix=prefix)

@@ -46,6 +46,9 @@ class HarnessSession:
         self._traces: dict[tuple[str, str], Any] = {}
         self._drift_ref = None          # locality: the unedited model's hidden states on general text
         self._downstream = None         # downstream: lm-eval wrapper holding the base-model scores
+        self._wild_pre: dict[tuple[str, str], Any] = {}        # WILD: the unedited model's generations per case
+        self._generation_pre: dict[tuple[str, str], Any] = {}  # fluency / consistency of the unedited model per case
+        self._tfidf = None              # consistency: the TF-IDF vectorizer (CounterFact texts), fit once
 
     # --- the model and what is derived from it -------------------------------------------------------------
     @property
@@ -94,6 +97,29 @@ class HarnessSession:
         pool = self.options.train_pool
         pool = default_train_pool(self.options.data_dir) if pool == "auto" else pool
         return build_editor(name, self.lm, [f"pool={pool}", *self.options.hparams], stats=self.stats)
+        """A fresh, unprepared instance of editor ``name`` with the run's hyper-parameters (its family file, then an
+        EasyEdit ``--hparams-file``, then ``--hparam``), owned by the caller."""
+        mapping = self.hparams_file(name)
+        if mapping is None:
+            return build_editor(name, self.lm, self.options.hparams, stats=self.stats)
+        from .editors import registry
+        from .editors.base import parse_hparam_overrides
+        cls = registry.get(name)
+        hp = mapping.build(cls, self.lm.adapter.family, n_layers=self.lm.n_layers,
+                           overrides=parse_hparam_overrides(self.options.hparams, cls))
+        return cls(hp, stats=self.stats)
+
+    def hparams_file(self, name: str):
+        """What editor ``name``'s ``--hparams-file`` became for the loaded model (None without one). Its module
+        templates must name modules of the model and agree with the run's architecture adapter."""
+        path = dict(self.options.hparams_file).get(name)
+        if path is None:
+            return None
+        from .editors import registry
+        from .editors.easyedit_hparams import check_arch, map_easyedit_hparams
+        mapping = map_easyedit_hparams(path, registry.get(name), n_layers=self.lm.n_layers, warn=False)
+        check_arch(mapping, self.lm.model, self.lm.adapter, self.lm.n_layers)
+        return mapping
 
     def machine(self) -> dict[str, Any]:
         """Machine facts for the run JSON, read once per session (on a GPU this runs nvidia-smi)."""
@@ -129,6 +155,15 @@ class HarnessSession:
         root = resolve_data_dir(self.options.data_dir)
         has_cf = root is not None and (root / "counterfact" / "counterfact_rome_sample500.json").is_file()
         return "counterfact" if has_cf else "builtin"
+
+    def wild_dataset_name(self) -> str:
+        """The WILD suite's cases: ``--wild-dataset``, or with ``auto`` QAEdit when the data dir has it (the set
+        WILD was proposed with), else the run's dataset."""
+        if self.options.wild_dataset != "auto":
+            return self.options.wild_dataset
+        root = resolve_data_dir(self.options.data_dir)
+        has_qa = root is not None and (root / "collapse" / "QAEdit_inter_1k.json").is_file()
+        return "qaedit" if has_qa else self.dataset_name()
 
     def ppl_corpus_name(self) -> str:
         name = self.options.ppl_corpus
@@ -179,6 +214,36 @@ class HarnessSession:
             from .locality import DriftReference
             self._drift_ref = DriftReference.build(self.lm.model, self.lm.tokenizer, self.ppl_texts())
         return self._drift_ref
+
+    def wild_reference(self, case: EditCase) -> dict[str, list]:
+        """The unedited model's greedy generations for a case's WILD prompts (locality compares with them),
+        generated once per case and session."""
+        key = (case.case_id, case.rewrite_prompt)
+        if key not in self._wild_pre:
+            from .metrics.wild import case_generations
+            self._wild_pre[key] = case_generations(self.lm.model, self.lm.tokenizer, case)
+        return self._wild_pre[key]
+
+    def tfidf(self):
+        """The TF-IDF vectorizer of generation consistency: fit once on the data dir's CounterFact texts, or on
+        the built-in edits and passages without a data dir."""
+        if self._tfidf is None:
+            from .metrics.generation import counterfact_documents, fit_tfidf
+            root = resolve_data_dir(self.options.data_dir)
+            builtin = [" ".join((c.rewrite_prompt, c.target_new, *c.paraphrase_prompts, *c.attribute_prompts))
+                       for c in load_cases("builtin")] + load_texts("builtin")
+            has_cf = root is not None and (root / "counterfact").is_dir()
+            self._tfidf = fit_tfidf(counterfact_documents(root if has_cf else None, builtin))
+        return self._tfidf
+
+    def generation_reference(self, case: EditCase) -> tuple[dict[str, Any], list[str]]:
+        """Fluency and consistency of the unedited model on a case's generation prompts, once per case."""
+        key = (case.case_id, case.rewrite_prompt)
+        if key not in self._generation_pre:
+            from .metrics.generation import generation_metrics
+            self._generation_pre[key] = generation_metrics(self.lm.model, self.lm.tokenizer, case,
+                                                           vectorizer=self.tfidf())
+        return self._generation_pre[key]
 
     @property
     def tracer(self):

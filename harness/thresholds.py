@@ -30,6 +30,8 @@ class Thresholds:
     max_kl: float = _D["max_kl"]                          # locality: mean KL(pre || post) on unrelated text, nats
     max_top1_changed: float = _D["max_top1_changed"]      # locality: fraction of unrelated-text top-1 tokens changed
     min_qa_locality: float = _D["min_qa_locality"]        # locality: zsRE/EasyEdit QA locality
+    min_wild_efficacy: float = _D["min_wild_efficacy"]    # the generated answer contains target_new (0: report only)
+    min_fluency_ratio: float = _D["min_fluency_ratio"]    # generation fluency after / before (0: report only)
     max_accuracy_drop: float = _D["max_accuracy_drop"]    # downstream: accuracy before - after, per task
     min_trace_drop: float = _D["min_trace_drop"]          # tracing: share of P(answer) the subject noise removes
     min_rewrite_score: float = _D["min_rewrite_score"]    # editing problems: share of the possible change achieved
@@ -48,7 +50,31 @@ class Thresholds:
         if es is not None and es < self.min_efficacy:
             out.append(f"efficacy_success={es:.3f} < min_efficacy {self.min_efficacy} (edit did not take; "
                        "--min-efficacy)")
-        return out
+        return out + self._wild(m) + self._fluency(m)
+
+    def _wild(self, m: Measurement) -> list[str]:
+        w = m.metrics.get("wild_rewrite_contains")
+        if w is None or w >= self.min_wild_efficacy:
+            return []
+        answer = (m.info.get("wild_answers") or {}).get("rewrite", [""])[0]
+        return [f"wild_rewrite_contains={w:.3f} < min_wild_efficacy {self.min_wild_efficacy} (the model does not "
+                f"say the new target when it generates; it said {answer!r}; --min-wild-efficacy)"]
+
+    def _fluency(self, m: Measurement) -> list[str]:
+        before, after = m.metrics.get("fluency_pre"), m.metrics.get("fluency")
+        if before is None or after is None or before <= 0 or after / before >= self.min_fluency_ratio:
+            return []
+        return [f"fluency {before:.3f} -> {after:.3f} (ratio {after / before:.3f} < min_fluency_ratio "
+                f"{self.min_fluency_ratio}: generated text became repetitive; --min-fluency-ratio)"]
+
+    # --- WILD suite: the edit is made teacher-forced; does the model then say it? -----------------------------
+    def violations_wild(self, m: Measurement) -> list[str]:
+        acc = m.metrics.get("rewrite_acc")
+        out = []
+        if acc is not None and acc < self.min_efficacy:
+            out.append(f"rewrite_acc={acc:.3f} < min_efficacy {self.min_efficacy} (the edit did not take even "
+                       "teacher-forced; --min-efficacy)")
+        return out + self._wild(m)
 
     violations_hardedit = violations_single_edit
 

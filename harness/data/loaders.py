@@ -28,7 +28,14 @@ NAMED_SETS: dict[str, str] = {
     "counterfact": "counterfact/counterfact_rome_sample500.json",
     "counterfact-easyedit": "counterfact/counterfact_easyedit_edit.json",
     "zsre": "zsre/zsre_mend_train_1k.json",
+    "zsre-qa": "zsre/zsre_mend_train_1k.json",
+    "qaedit": "collapse/QAEdit_inter_1k.json",
 }
+# Loaders that live in other modules of this package register here when the package is imported (qaedit.py,
+# knowedit.py): a named set's file loader, by set name, and ``PREFIX:FILE`` loaders (``knowedit:FILE``), by prefix.
+FileLoader = Callable[..., "list[EditCase]"]
+SET_LOADERS: dict[str, FileLoader] = {}
+PREFIX_LOADERS: dict[str, FileLoader] = {}
 BUILTIN_SETS: dict[str, str] = {"builtin": "edits.json", "builtin-hard": "hard_edits.json"}
 
 
@@ -549,8 +556,8 @@ def _load_hf(spec: str, *, limit: int | None, skip_invalid: bool) -> LoadedCases
 
 
 def dataset_names() -> list[str]:
-    """Named edit sets accepted by :func:`load_cases` (besides file paths and ``hf:`` specs)."""
-    return [*BUILTIN_SETS, *NAMED_SETS]
+    """Named edit sets accepted by :func:`load_cases` (besides file paths, ``hf:`` and ``PREFIX:FILE`` specs)."""
+    return [*BUILTIN_SETS, *NAMED_SETS, *(f"{p}:FILE" for p in PREFIX_LOADERS)]
 
 
 def load_cases(spec: str = "builtin", *, data_dir: str | os.PathLike[str] | None = None,
@@ -570,6 +577,8 @@ def load_cases(spec: str = "builtin", *, data_dir: str | os.PathLike[str] | None
         if not path.is_file():
             raise DataError(f"dataset {spec!r}: {path} not found; pass --data-dir DIR (or set {DATA_DIR_ENV}) "
                             f"pointing at a folder with {rel}")
+        if spec in SET_LOADERS:
+            return SET_LOADERS[spec](path, limit=limit, skip_invalid=skip_invalid)
         if spec == "zsre":
             return load_zsre(path, limit=limit, skip_invalid=skip_invalid)
         if spec == "counterfact":
@@ -577,6 +586,11 @@ def load_cases(spec: str = "builtin", *, data_dir: str | os.PathLike[str] | None
         return load_easyedit(path, limit=limit, skip_invalid=skip_invalid, source="counterfact-easyedit")
     if spec.startswith("hf:"):
         return _load_hf(spec, limit=limit, skip_invalid=skip_invalid)
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in PREFIX_LOADERS:
+        if not rest:
+            raise DataError(f"dataset {spec!r}: expected {prefix}:FILE (a path to the {prefix} JSON file)")
+        return PREFIX_LOADERS[prefix](Path(rest).expanduser(), limit=limit, skip_invalid=skip_invalid)
     path = Path(spec).expanduser()
     if path.is_file():
         return _load_sniffed(read_json_records(path), path.name, limit=limit, skip_invalid=skip_invalid)

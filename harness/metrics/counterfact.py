@@ -27,9 +27,11 @@ PROTOCOLS = {
 
 
 def counterfact_metrics(model, tok, case: EditCase, *, prefix: str = "") -> dict[str, float | None]:
-    """All CounterFact and token-accuracy metrics of ``case`` in one batched scoring call."""
+    """All CounterFact and token-accuracy metrics of ``case`` in one batched scoring call. A case without
+    ``target_true`` (QAEdit, KnowEdit's WikiData_recent and WikiBio) gets the token accuracies only: the probability
+    comparisons need the old answer."""
     if case.target_true is None:
-        raise ValueError(f"case {case.case_id}: CounterFact metrics need target_true")
+        return token_accuracy_metrics(model, tok, case, prefix=prefix)
     groups: dict[str, Sequence[str]] = {
         "efficacy": [case.rewrite_prompt],
         "paraphrase": list(case.paraphrase_prompts),
@@ -64,3 +66,11 @@ def counterfact_metrics(model, tok, case: EditCase, *, prefix: str = "") -> dict
     out["locality_acc"] = (mean(scores[("neighborhood", i, "true")].token_accuracy
                                 for i in range(len(groups["neighborhood"]))) if groups["neighborhood"] else None)
     return out
+
+
+def token_accuracy_metrics(model, tok, case: EditCase, *, prefix: str = "") -> dict[str, float | None]:
+    """EasyEdit's teacher-forced ``rewrite_acc`` and ``rephrase_acc`` of target_new (no true target needed)."""
+    prompts = [case.rewrite_prompt, *case.paraphrase_prompts]
+    scores = score_targets(model, tok, prompts, [case.target_new] * len(prompts), prefix=prefix)
+    return {"rewrite_acc": scores[0].token_accuracy,
+            "rephrase_acc": mean(s.token_accuracy for s in scores[1:]) if scores[1:] else None}

@@ -10,7 +10,8 @@ from .localization import causal_trace, editing_problem, layer_sweep, problem_un
 from .locality import locality
 from .sequential import sequential
 from .single import counterfact, single_edit
+from .wild import wild
 
 __all__ = ["Measurement", "causal_trace", "correlation", "counterfact", "diversity", "diversity_summary",
            "downstream_edit", "editing_problem", "layer_sweep", "locality", "problem_unsupported", "sequential",
-           "single_edit", "sweep_unsupported"]
+           "single_edit", "sweep_unsupported", "wild"]

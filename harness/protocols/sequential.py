@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..editing import adds_instead_of_writing, checked_parameters, unchanged
 from ..metrics.perplexity import PREFIXED, PROTOCOLS as PPL
+from ..metrics.wild import PROTOCOL as WILD_PROTOCOL
 from ..sequential import SequentialRun
 from .base import Measurement
 
@@ -20,19 +21,33 @@ if TYPE_CHECKING:
 
 PROTOCOLS = {"ppl_curve": PPL["ppl"], "efficacy_immediate": "rome-counterfact, right after each edit",
              "efficacy_final": "rome-counterfact, every edit re-scored after the last one",
+             "rewrite_acc_final": "easyedit-teacher-forced, every edit re-scored after the last one",
              "norm_l1": "mean |W| of the edited weight after each edit (D4S)",
-             "norm_growth": "sum |W| over the edited weights after the last edit / before the first (D4S)"}
+             "norm_growth": "sum |W| over the edited weights after the last edit / before the first (D4S)",
+             "wild_efficacy_immediate": f"{WILD_PROTOCOL}: contains target_new, right after each edit",
+             "wild_efficacy_final": f"{WILD_PROTOCOL}: contains target_new, every edit re-scored after the last one",
+             "wild_em_final": f"{WILD_PROTOCOL}: exact match, every edit re-scored after the last one"}
+
+# For the metric registry (``MetricSpec`` keyword arguments): the WILD additions of this protocol.
+METRIC_SPECS = tuple(dict(name=k, protocol=PROTOCOLS[k], higher_is_better=True, unit="fraction", label=label,
+                          description=PROTOCOLS[k].split(": ", 1)[1])
+                     for k, label in (("wild_efficacy_immediate", "WILD ES immediate"),
+                                      ("wild_efficacy_final", "WILD ES final"), ("wild_em_final", "WILD EM final"))
+                     ) + (dict(name="rewrite_acc_final", protocol=PROTOCOLS["rewrite_acc_final"],
+                               higher_is_better=True, unit="fraction", label="TF acc final",
+                               description="teacher-forced token accuracy of every edit after the last"),)
 
 
 def sequential(session: HarnessSession, editor: Editor, cases: Sequence[EditCase], timer: PhaseTimer
                ) -> Measurement:
-    """Perplexity curve, edits to collapse (``--collapse-ratio``), immediate and final efficacy, norm growth."""
+    """Perplexity curve, edits to collapse (``--collapse-ratio``), immediate and final efficacy (with ``--wild``
+    also WILD efficacy), norm growth."""
     o, lm = session.options, session.lm
     run = SequentialRun(lm, editor, cases,
                         perplexity=lambda: session.perplexity(prefix=run.prompt_prefix).mean_ppl,
                         ppl_base=session.base_perplexity().mean_ppl,
                         journal_dir=Path(o.report_dir) / "sequential", batch_size=o.batch_size,
-                        ppl_schedule=o.ppl_schedule, resume=o.resume, progress=o.progress)
+                        ppl_schedule=o.ppl_schedule, resume=o.resume, progress=o.progress, wild=o.wild)
     with unchanged(lm, checked_parameters(lm, editor), f"the sequential run of {editor.name}",
                    hooks=adds_instead_of_writing(editor)):
         result = run.run(timer)
