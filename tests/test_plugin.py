@@ -78,7 +78,9 @@ def test_rome_on_the_embedded_model(pytester):
     collapse it; with the data dir, the same suite runs on CounterFact."""
     args = [str(SUITES / "test_single_edit.py"), "--editor", "rome", "--cases", "2", "--ppl-texts", "20",
             "--report-dir", str(pytester.path / "reports"), "-p", "no:cacheprovider"]
-    result = pytester.runpytest_subprocess(*args)
+    # the built-in passages keep CI's time bounded (the default without a data dir samples 100k tokens from the
+    # model once per machine; tests/test_stats.py covers that path on a tiny model)
+    result = pytester.runpytest_subprocess(*args, "--stats-corpus", "builtin", "--stats-tokens", "5000")
     result.assert_outcomes(passed=2)
     run = json.loads((pytester.path / "reports" / "latest.json").read_text())
     assert run["model"]["name"] == "smollm2-135m" and run["model"]["n_layers"] == 30
