@@ -49,7 +49,7 @@ from .memit import MEMIT, MemitHparams
 
 @dataclass
 class EncoreHparams(MemitHparams):
-    norm_lambda: float = 1000.0            # lambda_n: weight of ||W_hat - W||_F^2
+    norm_lambda: float = 10.0              # lambda_n: weight of ||W_hat - W||_F^2
     most_probable_stop: bool = True        # MPES
 
     def value_opt(self) -> ValueOpt:
