@@ -387,3 +387,24 @@ def test_a_shorter_family_is_a_prefix_of_a_longer_one(builtin_cases):
     short, long = build_diversity_sets(builtin_cases, 10), build_diversity_sets(builtin_cases, 20)
     for kind in KINDS:
         assert short[kind].cases == long[kind].cases[:10], kind
+
+
+def test_every_diversity_metric_is_registered(tiny_llama, sets, tmp_path):
+    """What the diversity protocols write into records is in harness/metrics/registry.py (sequential's norm metrics
+    are checked by tests/test_registry.py through SequentialResult.metrics)."""
+    from harness.metrics.registry import get_metric
+    from harness.protocols import Measurement, diversity_summary
+    from harness.protocols.diversity import decline_stream
+    from harness.timing import PhaseTimer
+
+    lm = tiny_llama
+    rome = build_editor("rome", lm, TINY_HPARAMS["rome"], stats=make_stats(lm, tmp_path))
+    stream = decline_stream(lm, rome, list(sets["yesno"].cases[:2]), perplexity=lambda: 10.0, ppl_base=10.0,
+                            journal_dir=tmp_path / "j", timer=PhaseTimer(), downstream=lambda: {"piqa": 0.5})
+    stream_metrics = {**sets["yesno"].diversity(lm.tokenizer).to_dict(), **stream.metrics()}
+    rows = [Measurement({**stream_metrics, "target_entropy": h}, info={"diversity_set": k})
+            for k, h in (("yesno", 1.0), ("choice", 2.0), ("distinct", 3.0))]
+    names = set(stream_metrics) | set(diversity_summary(rows).metrics)
+    assert {"downstream_piqa_curve", "downstream_piqa_drop", "diversity_ppl_ratio_spearman"} <= names
+    missing = sorted(n for n in names if get_metric(n) is None)
+    assert not missing, f"diversity metrics not in harness/metrics/registry.py: {missing}"

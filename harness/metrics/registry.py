@@ -208,6 +208,40 @@ for _series, _text in (("ppl_curve", "[n_edits, perplexity] after each scheduled
                        ("delta_fro", "[n_edits, ||W - W0||_F summed over edited weights]"),
                        ("downstream_series", "per state of a sequential run: n_edits, perplexity, accuracy per task")):
     _m(_series, "sequential stream", None, _series, _text, "series", aggregation="none")
+# edited-layer norms (the D4S paper's L1 norm: sum |W| over the edited weights), sequential and diversity suites
+NORM = "sum |W| over the edited weights (D4S's L1 norm)"
+_m("norm_growth", NORM, False, "norm x", "L1 norm of the edited layers after the stream / before", "ratio",
+   relative=True, headline=True)
+_m("l1_before", NORM, None, "L1 before", "L1 norm of the edited layers, unedited model", "sum |W|")
+_m("l1_after", NORM, None, "L1 after", "L1 norm of the edited layers after the stream", "sum |W|")
+# target diversity (diversity suite, docs/diversity.md): the set's diversity, the stream's decline, correlations
+DIV = "diversity suite (Huang et al. 2024)"
+_m("efficacy_decline", CF, False, "ES decline", "efficacy right after each edit minus after the last edit")
+_m("ppl_after_n", PPL, None, "ppl at", "edits after which ppl_after / ppl_ratio were measured", "edits")
+_m("n_distinct_targets", DIV, None, "targets", "distinct new targets of the set", "targets")
+_m("target_entropy", DIV, None, "H(target)", "entropy of the set's new targets", "bits")
+_m("n_distinct_target_tokens", DIV, None, "target tokens", "distinct tokens of the set's new targets", "tokens")
+_m("token_entropy", DIV, None, "H(token)", "entropy over every token of the set's new targets", "bits")
+_m("mean_target_tokens", DIV, None, "tokens/target", "mean tokens per new target", "tokens")
+_m("target_nll", DIV, None, "target NLL", "mean NLL of the new targets on the unedited model", "nats/token")
+_m("norm_efficacy_spearman", DIV, None, "rho(L1, ES)", "Spearman of L1 norm and accuracy-so-far along the stream",
+   "correlation")
+_m("norm_efficacy_pearson", DIV, None, "r(L1, ES)", "Pearson of L1 norm and accuracy-so-far along the stream",
+   "correlation")
+_m("norm_efficacy_n", DIV, None, "checkpoints", "checkpoints in the norm-accuracy correlation", "checkpoints")
+_m("n_sets", DIV, None, "sets", "diversity sets compared", "sets")
+for _kind in ("spearman", "pearson"):
+    _m(f"diversity_{{measure}}_{_kind}", DIV, None, f"{_kind} diversity-{{measure}}",
+       f"{_kind} correlation of target entropy and {{measure}} across one editor's sets", "correlation")
+for _series, _text in (("ppl_ratio_curve", "[n_edits, ppl / ppl before] on the perplexity schedule"),
+                       ("efficacy_curve", "[n_edits, efficacy of every edit made so far] after each edit"),
+                       ("l1_curve", "[n_edits, sum |W| over the edited weights] after each edit"),
+                       ("l1_growth_curve", "[n_edits, L1 norm / L1 norm before] after each edit"),
+                       ("mean_abs_curve", "[n_edits, mean |W| of the edited weights] after each edit"),
+                       ("downstream_{task}_curve", "[n_edits, {task} accuracy] at the perplexity checkpoints"),
+                       ("efficacy_immediate_each", "each edit's efficacy right after it was made"),
+                       ("diversity_table", "per set: diversity and decline after the stream")):
+    _m(_series, DIV, None, _series, _text, "series", aggregation="none")
 # downstream (lm-eval)
 _m("downstream_{task}_after", "lm-eval zero-shot", True, "{task} after", "lm-eval accuracy on {task} after the edit(s)",
    "accuracy")

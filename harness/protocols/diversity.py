@@ -177,6 +177,7 @@ def diversity_summary(measurements: Sequence[Measurement]) -> Measurement:
             "norm_growth", "norm_efficacy_spearman", "norm_efficacy_pearson")
     table = [{"set": m.info["diversity_set"], **{k: m.metrics.get(k) for k in keys}} for m in measurements]
     metrics = {**diversity_decline(rows), "diversity_table": table}
-    protocols = {k: "across the sets of one editor at the same number of edits: target entropy vs the measure"
+    measure = metrics.pop("diversity_measure")
+    protocols = {k: f"across the sets of one editor at the same number of edits: {measure} vs the measure"
                  for k in metrics if k.endswith(("_spearman", "_pearson"))}
-    return Measurement(metrics, protocols, {"sets": [t["set"] for t in table]})
+    return Measurement(metrics, protocols, {"sets": [t["set"] for t in table], "diversity_measure": measure})
