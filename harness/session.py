@@ -92,21 +92,20 @@ class HarnessSession:
         return self._editors[name]
 
     def new_editor(self, name: str) -> Editor:
-        """A fresh, unprepared instance of editor ``name`` with the run's hyper-parameters, owned by the caller.
-        Editors with a ``pool`` (IKE, WISE) get ``--train-pool`` unless ``--hparam`` names one."""
+        """A fresh, unprepared instance of editor ``name`` with the run's hyper-parameters (its family file, then an
+        EasyEdit ``--hparams-file``, then ``--hparam``), owned by the caller. Editors with a ``pool`` (IKE, WISE) get
+        ``--train-pool`` unless ``--hparam`` names one."""
         pool = self.options.train_pool
         pool = default_train_pool(self.options.data_dir) if pool == "auto" else pool
-        return build_editor(name, self.lm, [f"pool={pool}", *self.options.hparams], stats=self.stats)
-        """A fresh, unprepared instance of editor ``name`` with the run's hyper-parameters (its family file, then an
-        EasyEdit ``--hparams-file``, then ``--hparam``), owned by the caller."""
+        overrides = [f"pool={pool}", *self.options.hparams]
         mapping = self.hparams_file(name)
         if mapping is None:
-            return build_editor(name, self.lm, self.options.hparams, stats=self.stats)
+            return build_editor(name, self.lm, overrides, stats=self.stats)
         from .editors import registry
         from .editors.base import parse_hparam_overrides
         cls = registry.get(name)
         hp = mapping.build(cls, self.lm.adapter.family, n_layers=self.lm.n_layers,
-                           overrides=parse_hparam_overrides(self.options.hparams, cls))
+                           overrides=parse_hparam_overrides(overrides, cls))
         return cls(hp, stats=self.stats)
 
     def hparams_file(self, name: str):

@@ -38,13 +38,13 @@ def test_git_state_commit_and_dirty_flag(tmp_path):
 
 def test_hparam_files_and_editor_provenance():
     files = prov.hparam_files("memit", "llama", HPARAMS_DIR)
-    assert [p.name for p in files] == ["default.yaml", "llama.yaml"]
-    assert [p.name for p in prov.hparam_files("memit", "no-such-family", HPARAMS_DIR)] == ["default.yaml"]
+    assert [p.name for p in files] == ["llama.yaml"]
+    assert [p.name for p in prov.hparam_files("memit", "no-such-family", HPARAMS_DIR)] == []
     out = prov.resolve_editor("memit", ["memit.mom2_update_weight=1234", "rome.layer=3"], "llama", 30)
     assert out["hparams"]["mom2_update_weight"] == 1234.0        # the resolved value, override applied
     assert out["overrides"] == {"mom2_update_weight": "1234"}     # only memit's overrides
-    assert [f["path"] for f in out["files"]] == ["hparams/memit/default.yaml", "hparams/memit/llama.yaml"]
-    assert out["files"][1]["sha256"] == hashlib.sha256((HPARAMS_DIR / "memit" / "llama.yaml").read_bytes()).hexdigest()
+    assert [f["path"] for f in out["files"]] == ["hparams/memit/llama.yaml"]
+    assert out["files"][0]["sha256"] == hashlib.sha256((HPARAMS_DIR / "memit" / "llama.yaml").read_bytes()).hexdigest()
     assert out["class"] == "harness.editors.memit:MEMIT" or out["class"].startswith("harness.editors.memit:")
     rome = prov.resolve_editor("rome", [], "llama", 30)
     assert isinstance(rome["hparams"]["layer"], int) and 0 <= rome["hparams"]["layer"] < 30

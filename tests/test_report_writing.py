@@ -140,7 +140,7 @@ def test_plugin_writes_provenance_and_prints_intervals(pytester, tiny_model_path
     prov = run["provenance"]
     assert prov["editors"]["rome"]["hparams"]["layer"] == 1
     assert prov["editors"]["rome"]["overrides"]["v_num_grad_steps"] == "4"
-    assert [f["path"] for f in prov["editors"]["rome"]["files"]][0] == "hparams/rome/default.yaml"
+    assert [f["path"] for f in prov["editors"]["rome"]["files"]][0] == "hparams/rome/llama.yaml"
     assert prov["dataset"]["kind"] == "builtin" and prov["dataset"]["case_ids"] == ["b01", "b02", "b03"]
     assert len(prov["dataset"]["sha256"]) == 64
     assert prov["corpora"]["perplexity"]["texts"] == 8 and prov["corpora"]["perplexity"]["tokens"] > 0
