@@ -25,6 +25,11 @@ PER_SHARD = frozenset({"run_id", "started", "finished", "duration_s", "machine",
 # the shard tags that must be equal across a sweep, with what differing means
 SWEEP_FIELDS = (("sweep_id", "sweeps"), ("count", "shard counts"), ("collection_hash", "collected tests"),
                 ("harness_commit", "harness commits"))
+# provenance differs between shards where it records what one process happened to use (which layers' statistics
+# it computed, how many perplexity tokens it scored, its torch seed), not how the sweep was configured: corpora are
+# compared by these fields (and their files' sha256 where read); the merged run keeps the union of the statistics
+# layers and each shard's torch seed in ``sweep.shards``
+CORPUS_CONFIG = ("spec", "tokens_requested", "texts_requested")
 HINT = "merge the shards of one sweep (the run JSONs of one `harness launch` or of one set of --shard I/N runs)"
 
 
@@ -87,6 +92,52 @@ def _first_difference(a: Any, b: Any, path: str) -> str | None:
     return None
 
 
+def _configuration(key: str, value: Any) -> Any:
+    """A top-level run field without its per-process usage : a corpus is compared by what
+    was asked of it (spec, tokens/texts requested); its file's digest is checked by :func:`_same_corpus_files`."""
+    if key != "provenance" or not isinstance(value, dict):
+        return value
+    out = dict(value)
+    out["seeds"] = {k: v for k, v in (out.get("seeds") or {}).items() if k != "torch_initial_seed"}
+    out["corpora"] = {name: {k: corpus.get(k) for k in CORPUS_CONFIG} if isinstance(corpus, dict) else corpus
+                      for name, corpus in (out.get("corpora") or {}).items()}
+    return out
+
+
+def _same_corpus_files(runs: Sequence[tuple[str, dict]]) -> None:
+    """Shards that read a corpus file must have read the same file (sha256)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for path, run in runs:
+        for name, corpus in (((run.get("provenance") or {}).get("corpora")) or {}).items():
+            digest = corpus.get("sha256") if isinstance(corpus, dict) else None
+            if digest is None:
+                continue
+            ref_path, ref_digest = seen.setdefault(name, (path, digest))
+            if digest != ref_digest:
+                raise MergeError(f"{path}: provenance.corpora.{name}.sha256 ({digest[:12]} vs {ref_digest[:12]}) "
+                                 f"differs from {ref_path}; shards of one sweep must read the same corpus; {HINT}")
+
+
+def _merged_provenance(shards: Sequence[tuple[str, dict]]) -> dict[str, Any] | None:
+    """The first shard's provenance, with each corpus taken from a shard that used it and the statistics layers
+    the union over shards."""
+    prov = shards[0][1].get("provenance")
+    if not isinstance(prov, dict):
+        return prov
+    prov = json.loads(json.dumps(prov))
+    prov.get("seeds", {}).pop("torch_initial_seed", None)
+    for name in list(prov.get("corpora") or {}):
+        used = [r["provenance"]["corpora"][name] for _, r in shards
+                if isinstance(((r.get("provenance") or {}).get("corpora") or {}).get(name), dict)
+                and r["provenance"]["corpora"][name].get("used", True) is not False]
+        if used:
+            prov["corpora"][name] = dict(used[0])
+            layers = sorted({int(x) for c in used for x in (c.get("layers") or [])})
+            if "layers" in used[0] or layers:
+                prov["corpora"][name]["layers"] = layers
+    return prov
+
+
 def check_same_sweep(runs: Sequence[tuple[str, dict]]) -> None:
     """Raise :class:`MergeError` unless every shard belongs to the first one's sweep, configuration and code."""
     ref_path, ref = runs[0]
@@ -96,10 +147,11 @@ def check_same_sweep(runs: Sequence[tuple[str, dict]]) -> None:
                 raise MergeError(f"{path}: {key} {run['shard'].get(key)!r} differs from {ref['shard'].get(key)!r} "
                                  f"in {ref_path} (different {what}); {HINT}")
         for key in sorted((set(run) | set(ref)) - PER_SHARD):
-            diff = _first_difference(ref.get(key), run.get(key), key)
+            diff = _first_difference(_configuration(key, ref.get(key)), _configuration(key, run.get(key)), key)
             if diff:
                 raise MergeError(f"{path}: {diff} differs from {ref_path}; shards of one sweep must share their "
                                  f"configuration; {HINT}")
+    _same_corpus_files(runs)
 
 
 def _pick(runs: Sequence[tuple[str, dict]], keep: str, report: MergeReport) -> dict[int, tuple[str, dict]]:
@@ -141,6 +193,8 @@ def merge_runs(runs: Sequence[tuple[str, dict]], allow_missing: bool = False,
     shards = [chosen[i] for i in report.present]
     ref = shards[0][1]
     merged = {k: v for k, v in ref.items() if k not in PER_SHARD}
+    if "provenance" in ref:
+        merged["provenance"] = _merged_provenance(shards)
     started = min(r["started"] for _, r in shards)
     finished = max(r["finished"] for _, r in shards)
     merged.update({
@@ -182,6 +236,7 @@ def _shard_entry(path: str, run: dict[str, Any]) -> dict[str, Any]:
             "started": run.get("started"), "finished": run.get("finished"), "duration_s": run.get("duration_s"),
             "n_records": len(run["records"]), "n_selected": len(run["shard"].get("selected", [])),
             "balanced_by": run["shard"].get("balanced_by"),
+            "torch_initial_seed": ((run.get("provenance") or {}).get("seeds") or {}).get("torch_initial_seed"),
             "machine": {k: m.get(k) for k in ("hostname", "device", "gpu_name", "torch_threads") if k in m}}
 
 

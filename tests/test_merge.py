@@ -207,3 +207,35 @@ def test_command_line_writes_json_and_html(tmp_path, capsys):
     assert cli(["merge", *paths, "-o", str(out)]) == 0
     assert load_run(out)["sweep"]["count"] == 3 and out.with_suffix(".html").is_file()
     assert "sweep sw: 3 of 3 shards merged" in capsys.readouterr().out
+
+
+def _with_provenance(run: dict, layers: list[int] | None, seed: int, sha: str | None = "f" * 64) -> dict:
+    stats = ({"spec": "wikitext", "path": "/d/wiki.txt", "sha256": sha, "tokens_requested": 1000,
+              "tokens_used": {"min": 1000}, "layers": layers} if layers is not None
+             else {"spec": "wikitext", "tokens_requested": 1000, "used": False})
+    run["provenance"] = {"editors": {}, "corpora": {"statistics": stats,
+                                                    "perplexity": {"spec": "me-ppl", "texts_requested": 10,
+                                                                   "texts": None if layers is None else 10}},
+                         "seeds": {"bootstrap": 0, "torch_initial_seed": seed}}
+    return run
+
+
+def test_per_process_usage_is_not_configuration_and_merges_as_a_union():
+    """Shards differ in what each process used (statistics layers, perplexity texts scored, torch seed): the merge
+    accepts that, keeps the union of layers and each shard's seed; a different corpus file is still refused."""
+    shards = _shards(_unsharded())
+    _with_provenance(shards[0], [1], seed=11)
+    _with_provenance(shards[1], None, seed=22)          # a resumed shard that computed no statistics
+    _with_provenance(shards[2], [1, 3], seed=33)
+    merged, _ = merge_runs(_named(shards))
+    stats = merged["provenance"]["corpora"]["statistics"]
+    assert stats["layers"] == [1, 3] and stats["sha256"] == "f" * 64
+    assert "torch_initial_seed" not in merged["provenance"]["seeds"]
+    assert [s["torch_initial_seed"] for s in merged["sweep"]["shards"]] == [11, 22, 33]
+    _with_provenance(shards[2], [1], seed=33, sha="0" * 64)
+    with pytest.raises(MergeError, match=r"provenance\.corpora\.statistics\.sha256 .* same corpus"):
+        merge_runs(_named(shards))
+    _with_provenance(shards[2], [1], seed=33)
+    shards[2]["provenance"]["corpora"]["statistics"]["tokens_requested"] = 5
+    with pytest.raises(MergeError, match=r"tokens_requested \(1000 vs 5\)"):
+        merge_runs(_named(shards))
