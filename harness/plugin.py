@@ -3,6 +3,7 @@ hand out the session (state), the editor and the test's record; suites measure w
 assert ``harness.thresholds``' verdicts. Registered through the ``pytest11`` entry point (``knowedit_harness``)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -96,7 +97,25 @@ def _pin_worker_device(worker: dict) -> None:
 
 # --- parametrisation ------------------------------------------------------------------------------------
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    session = metafunc.config.stash[_SESSION]
+    """Parametrize the suites. A model that cannot be loaded while collecting (the tracing suite parametrizes
+    from what the model knows) stops the session in one line, not one collection error per module."""
+    try:
+        _parametrize(metafunc, metafunc.config.stash[_SESSION])
+    except ModelUnavailable:      # remembered by the session; pytest_collection_finish stops with it
+        for name in ("fact", "case", "diversity_set"):
+            if name in metafunc.fixturenames:
+                with contextlib.suppress(ValueError):      # already parametrized before the failure
+                    metafunc.parametrize(name, [])
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    harness = session.config.stash.get(_SESSION, None)
+    error = harness._load_error if harness is not None else None
+    if error is not None:
+        pytest.exit(f"the model could not be loaded: {error}", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def _parametrize(metafunc: pytest.Metafunc, session: HarnessSession) -> None:
     if "editor_name" in metafunc.fixturenames:
         metafunc.parametrize("editor_name", session.options.editors, scope="session")
     if "fact" in metafunc.fixturenames:            # tracing suite: known facts

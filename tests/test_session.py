@@ -76,3 +76,16 @@ def test_a_failed_load_stops_the_session_in_one_line(pytester):
     result.stdout.fnmatch_lines(["--model /no/such/dir: not a model directory*",
                                  "*Interrupted: the model could not be loaded*"])
     assert "Traceback" not in result.stdout.str()
+
+
+def test_a_failed_load_while_collecting_is_one_line(pytester):
+    """The tracing suite parametrizes from the model's known facts while collecting: a model that cannot be loaded
+    then stops the session with one line (usage error), not one collection error per suite module."""
+    suites = Path(__file__).resolve().parents[1] / "suites"
+    result = pytester.runpytest_subprocess(str(suites / "test_tracing.py"), str(suites / "test_editing_problems.py"),
+                                           "--model", "/no/such/dir", "--editor", "rome", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    out = result.stdout.str() + result.stderr.str()
+    assert out.count("not a model directory") == 1, out
+    assert "the model could not be loaded: --model /no/such/dir: not a model directory" in out
+    assert "Traceback" not in out and "ERROR collecting" not in out
