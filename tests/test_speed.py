@@ -1,0 +1,116 @@
+"""The speed-ups are exact: a partial forward pass (stop after a module, run from layer L on) gives bit-identical
+numbers to the full pass on tiny random GPT-2 and Llama models, in fp32 and bf16, and so do the v* optimisation and
+ROME's update that use it."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import harness.editors.common as common
+from harness.editors.common import batch_encode, capture_io, module_io_at, optimize_value
+from harness.editors.rome import ROME, RomeHparams
+from harness.models.partial import block_input, layers_from, stop_after, supports_layers_from
+
+TEXTS = ["The Eiffel Tower is located in", "Paris is the capital of", "A cat", "Danielle Darrieux speaks the language"]
+
+
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def lm_any(request, tiny_lm):
+    """Each tiny model in fp32 and in bf16 (a bf16 copy; the session's fp32 model is left as it was)."""
+    if request.param == torch.float32:
+        return tiny_lm
+    import copy
+    return dataclasses.replace(tiny_lm, model=copy.deepcopy(tiny_lm.model).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+@torch.no_grad()
+def test_layers_from_gives_the_full_pass_bit_for_bit(lm_any, layer):
+    lm = lm_any
+    assert supports_layers_from(lm)
+    ids, mask = batch_encode(lm.tokenizer, TEXTS, lm.device)                   # right-padded, ragged
+    body = lm.model.base_model
+    full = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    with block_input(lm, layer) as below:
+        body(input_ids=ids, attention_mask=mask)
+    with layers_from(lm, layer):
+        part = body(inputs_embeds=below["hidden"], attention_mask=mask).last_hidden_state
+    assert torch.equal(part, full)
+    assert lm.model.get_submodule(lm.adapter.layer_name(lm.n_layers - 1)) is not None   # the block list is back
+
+
+def test_layers_from_restores_the_model_and_refuses_unsupported_families(tiny_lm):
+    before = [(n, id(m), len(m._forward_hooks)) for n, m in tiny_lm.model.named_modules()]
+    with layers_from(tiny_lm, 2):
+        assert len(list(tiny_lm.model.named_modules())) < len(before)
+    assert [(n, id(m), len(m._forward_hooks)) for n, m in tiny_lm.model.named_modules()] == before
+    other = dataclasses.replace(tiny_lm, adapter=dataclasses.replace(tiny_lm.adapter, family="mistral"))
+    assert not supports_layers_from(other)
+    with pytest.raises(ValueError, match="not supported"):
+        with layers_from(other, 1):
+            pass
+
+
+@torch.no_grad()
+def test_module_io_at_stops_after_the_module_with_the_same_vectors(lm_any):
+    lm = lm_any
+    name = lm.adapter.mlp_name(1)
+    positions = [3, 2, 1, 4]
+    ins, outs = module_io_at(lm, name, TEXTS, positions)
+    ids, mask = batch_encode(lm.tokenizer, TEXTS, lm.device)
+    with capture_io(lm.model.get_submodule(name)) as io:
+        lm.model(input_ids=ids, attention_mask=mask)
+    rows, cols = torch.arange(len(TEXTS)), torch.tensor(positions)
+    assert torch.equal(ins, io["input"][rows, cols].float())
+    assert torch.equal(outs, io["output"][rows, cols].float())
+    # the pass really stops: the last block never runs
+    last = lm.model.get_submodule(lm.adapter.layer_name(lm.n_layers - 1))
+    ran = []
+    h = last.register_forward_hook(lambda *_: ran.append(1))
+    try:
+        module_io_at(lm, name, TEXTS[:1], [1])
+    finally:
+        h.remove()
+    assert ran == []
+    with stop_after(lm.model.get_submodule(name)):           # a stopped pass is quiet
+        lm.model(input_ids=ids, attention_mask=mask)
+
+
+def _full_pass(monkeypatch):
+    monkeypatch.setattr(common, "supports_layers_from", lambda lm: False)
+
+
+@pytest.mark.parametrize("objective", ["rewrite", "erase", "force"])
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_optimize_value_from_the_edit_layer_equals_the_full_pass(lm_any, builtin_cases, monkeypatch, objective,
+                                                                 layer):
+    lm, case = lm_any, dataclasses.replace(builtin_cases[1], objective=objective)
+    templates = ["{}", "The weather today. {}", "It was said that. {}"]
+    opt = common.ValueOpt(steps=6, early_stop_loss=0.0)
+    name = lm.adapter.mlp_name(layer)
+    fast = optimize_value(lm, case, name, templates, opt)
+    with monkeypatch.context() as m:
+        _full_pass(m)
+        slow = optimize_value(lm, case, name, templates, opt)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    assert fast[2] == slow[2]
+    assert fast[2]["v_steps"] == 6
+
+
+def test_rome_update_is_identical_with_and_without_the_partial_passes(tiny_lm, builtin_cases, monkeypatch):
+    hp = RomeHparams(layer=1, v_num_grad_steps=5, mom2_adjustment=False, context_template_length_params=[[3, 2]])
+    fast = ROME(hp).rank_one_update(tiny_lm, builtin_cases[0])
+    with monkeypatch.context() as m:
+        _full_pass(m)
+        m.setattr(common, "stop_after", lambda module: __import__("contextlib").nullcontext())
+        slow = ROME(hp).rank_one_update(tiny_lm, builtin_cases[0])
+    assert torch.equal(fast.delta, slow.delta) and torch.equal(fast.key, slow.key)
+    assert fast.info == slow.info
+
+
+def test_layer_of_reads_the_block_index(tiny_lm):
+    a = tiny_lm.adapter
+    assert a.layer_of(a.mlp_name(3)) == 3 and a.layer_of(a.weight_name(0)) == 0
+    assert a.layer_of(a.embed) is None
