@@ -29,13 +29,13 @@ def lm_any(request, tiny_lm):
 @torch.no_grad()
 def test_layers_from_gives_the_full_pass_bit_for_bit(lm_any, layer):
     lm = lm_any
-    assert supports_layers_from(lm)
+    assert supports_layers_from(lm.model, lm.adapter)
     ids, mask = batch_encode(lm.tokenizer, TEXTS, lm.device)                   # right-padded, ragged
     body = lm.model.base_model
     full = body(input_ids=ids, attention_mask=mask).last_hidden_state
-    with block_input(lm, layer) as below:
+    with block_input(lm.model, lm.adapter, layer) as below:
         body(input_ids=ids, attention_mask=mask)
-    with layers_from(lm, layer):
+    with layers_from(lm.model, lm.adapter, layer):
         part = body(inputs_embeds=below["hidden"], attention_mask=mask).last_hidden_state
     assert torch.equal(part, full)
     assert lm.model.get_submodule(lm.adapter.layer_name(lm.n_layers - 1)) is not None   # the block list is back
@@ -43,13 +43,13 @@ def test_layers_from_gives_the_full_pass_bit_for_bit(lm_any, layer):
 
 def test_layers_from_restores_the_model_and_refuses_unsupported_families(tiny_lm):
     before = [(n, id(m), len(m._forward_hooks)) for n, m in tiny_lm.model.named_modules()]
-    with layers_from(tiny_lm, 2):
+    with layers_from(tiny_lm.model, tiny_lm.adapter, 2):
         assert len(list(tiny_lm.model.named_modules())) < len(before)
     assert [(n, id(m), len(m._forward_hooks)) for n, m in tiny_lm.model.named_modules()] == before
     other = dataclasses.replace(tiny_lm, adapter=dataclasses.replace(tiny_lm.adapter, family="mistral"))
-    assert not supports_layers_from(other)
+    assert not supports_layers_from(other.model, other.adapter)
     with pytest.raises(ValueError, match="not supported"):
-        with layers_from(other, 1):
+        with layers_from(other.model, other.adapter, 1):
             pass
 
 
@@ -79,7 +79,7 @@ def test_module_io_at_stops_after_the_module_with_the_same_vectors(lm_any):
 
 
 def _full_pass(monkeypatch):
-    monkeypatch.setattr(common, "supports_layers_from", lambda lm: False)
+    monkeypatch.setattr(common, "supports_layers_from", lambda model, adapter: False)
 
 
 @pytest.mark.parametrize("objective", ["rewrite", "erase", "force"])
@@ -114,3 +114,43 @@ def test_layer_of_reads_the_block_index(tiny_lm):
     a = tiny_lm.adapter
     assert a.layer_of(a.mlp_name(3)) == 3 and a.layer_of(a.weight_name(0)) == 0
     assert a.layer_of(a.embed) is None
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_perplexity_from_the_edited_layer_equals_the_full_pass(tiny_lm, layer):
+    from harness.data import load_texts
+    from harness.metrics.perplexity import perplexity
+    from harness.models.partial import BelowLayer
+
+    model, tok = tiny_lm.model, tiny_lm.tokenizer
+    texts = load_texts("builtin")[:12]
+    below = BelowLayer(model, tiny_lm.adapter, layer)
+    base = perplexity(model, tok, texts)
+    assert perplexity(model, tok, texts, below=below).per_text == base.per_text       # first call: captures
+    w = tiny_lm.adapter.mlp_weight(model, layer)
+    saved = w.detach().clone()
+    gen = torch.Generator().manual_seed(layer)
+    with torch.no_grad():
+        w.add_(0.5 * torch.randn(w.shape, generator=gen))                            # an edit of block `layer`
+    try:
+        edited_full = perplexity(model, tok, texts)
+        edited_fast = perplexity(model, tok, texts, below=below)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert edited_full.per_text != base.per_text
+    assert edited_fast.per_text == edited_full.per_text
+    assert edited_fast.mean_ppl == edited_full.mean_ppl and edited_fast.token_ppl == edited_full.token_ppl
+
+
+def test_perplexity_batches_change_only_float_rounding(tiny_lm):
+    """Smaller batches (less padding) than the old 4096-token budget: the same perplexities up to float rounding
+    (relative 1e-5 here; 3e-7 on the embedded model, docs/speed.md)."""
+    from harness.data import load_texts
+    from harness.metrics.perplexity import perplexity
+
+    texts = load_texts("builtin")[:30]
+    one = perplexity(tiny_lm.model, tiny_lm.tokenizer, texts, max_tokens_per_batch=4096)
+    many = perplexity(tiny_lm.model, tiny_lm.tokenizer, texts, max_tokens_per_batch=64)
+    assert many.per_text == pytest.approx(one.per_text, rel=1e-5)
+    assert many.mean_ppl == pytest.approx(one.mean_ppl, rel=1e-5)

@@ -344,10 +344,10 @@ def optimize_value(lm: LoadedModel, case: EditCase, module_name: str, templates:
     # the blocks below the edited module's never see delta: their output for the suffix is computed once, and
     # every step runs the model from the module's block on (``layers_from``: bit-identical to the full pass,
     # tests/test_speed.py); families it does not support take the full pass
-    start = lm.adapter.layer_of(module_name) if supports_layers_from(lm) else None
+    start = lm.adapter.layer_of(module_name) if supports_layers_from(model, lm.adapter) else None
     step_in = suf_in
     if start and (cache is None or hasattr(cache, "layers")):
-        with torch.no_grad(), block_input(lm, start) as below:
+        with torch.no_grad(), block_input(model, lm.adapter, start) as below:
             body(**suf_in, attention_mask=full_mask, position_ids=suf_pos, past_key_values=cache,
                  use_cache=cache is not None)
         if cache is not None:
@@ -365,7 +365,7 @@ def optimize_value(lm: LoadedModel, case: EditCase, module_name: str, templates:
             delta = torch.zeros(io["output"].shape[-1], device=dev, dtype=torch.float32, requires_grad=True)
             optimizer = torch.optim.Adam([delta], lr=opt.lr)
         with add_at_positions(module, delta, all_rows, col0) as info, \
-                (layers_from(lm, start) if start else contextlib.nullcontext()):
+                (layers_from(model, lm.adapter, start) if start else contextlib.nullcontext()):
             hidden = body(**step_in, attention_mask=full_mask, position_ids=suf_pos,
                           past_key_values=cache, use_cache=cache is not None).last_hidden_state  # [n, S, d_model]
         if cache is not None:

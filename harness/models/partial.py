@@ -6,7 +6,7 @@ same before and after. Two exact savings follow:
 
 - ``stop_after(module)``: a pass that only needs a module's input/output (a key at layer L) stops there instead of
   running the layers above;
-- ``layers_from(lm, L)``: a pass whose input is the residual stream entering layer L (``inputs_embeds`` = the state
+- ``layers_from(model, adapter, L)``: a pass whose input is the residual stream entering layer L (``inputs_embeds`` = the state
   captured by ``block_input``) runs only layers L.. and the final norm. The model's own forward does it: for the
   duration, its block list holds only blocks L.. (each keeps its own index, so a KV cache of the full model still
   lines up) and an additive position embedding (GPT-2's ``wpe``) adds zeros. Every block then sees the same
@@ -58,17 +58,17 @@ def block_list(model: nn.Module, adapter) -> tuple[nn.Module, str, nn.ModuleList
     return parent, attr, getattr(parent, attr)
 
 
-def supports_layers_from(lm) -> bool:
+def supports_layers_from(model: nn.Module, adapter) -> bool:
     """Whether ``layers_from`` is exact for this model (a tested family, the expected base model class)."""
-    spec = _SUPPORTED.get(lm.adapter.family)
-    return spec is not None and type(lm.model.base_model).__name__ == spec[0]
+    spec = _SUPPORTED.get(adapter.family)
+    return spec is not None and type(model.base_model).__name__ == spec[0]
 
 
 @contextlib.contextmanager
-def block_input(lm, layer: int) -> Iterator[dict]:
+def block_input(model: nn.Module, adapter, layer: int) -> Iterator[dict]:
     """Capture the residual stream entering block ``layer`` ([b, T, d]) on the next forward pass, and end that pass
     there (``store["hidden"]``)."""
-    _, _, blocks = block_list(lm.model, lm.adapter)
+    _, _, blocks = block_list(model, adapter)
     store: dict = {}
 
     def hook(_m, args, kwargs):
@@ -85,16 +85,16 @@ def block_input(lm, layer: int) -> Iterator[dict]:
 
 
 @contextlib.contextmanager
-def layers_from(lm, layer: int) -> Iterator[None]:
+def layers_from(model: nn.Module, adapter, layer: int) -> Iterator[None]:
     """Within the block, the base model's forward runs blocks ``layer``.. only and takes ``inputs_embeds`` as the
     residual stream entering block ``layer``. Raises ValueError for an unsupported family (check
     ``supports_layers_from`` first)."""
-    if not supports_layers_from(lm):
-        raise ValueError(f"layers_from: family {lm.adapter.family!r} ({type(lm.model.base_model).__name__}) "
+    if not supports_layers_from(model, adapter):
+        raise ValueError(f"layers_from: family {adapter.family!r} ({type(model.base_model).__name__}) "
                          "is not supported; run the full model")
-    parent, attr, blocks = block_list(lm.model, lm.adapter)
-    pos_name = _SUPPORTED[lm.adapter.family][1]
-    handle = (lm.model.get_submodule(pos_name).register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
+    parent, attr, blocks = block_list(model, adapter)
+    pos_name = _SUPPORTED[adapter.family][1]
+    handle = (model.get_submodule(pos_name).register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
               if pos_name else None)
     setattr(parent, attr, nn.ModuleList(list(blocks)[layer:]))
     try:
@@ -103,3 +103,33 @@ def layers_from(lm, layer: int) -> Iterator[None]:
         setattr(parent, attr, blocks)
         if handle is not None:
             handle.remove()
+
+
+class BelowLayer:
+    """The residual stream entering block ``layer`` for a fixed set of inputs, captured once and reused: the first
+    ``run`` of an input is a full pass (capturing), later runs of the same input go from ``layer`` on.
+
+    Valid only while the embeddings and the blocks below ``layer`` stay as they were at capture, e.g. across
+    single edits of layer ``layer`` and above, each restored before the next (the caller's promise: the perplexity
+    texts after a ROME edit, ``harness.metrics.perplexity``). Inputs are keyed by the caller and compared by their
+    token ids and mask, so a different input under an old key is captured again, never mixed up."""
+
+    def __init__(self, model: nn.Module, adapter, layer: int) -> None:
+        self.model, self.adapter, self.layer = model, adapter, int(layer)
+        self._inputs: dict = {}
+
+    def usable(self) -> bool:
+        return self.layer > 0 and supports_layers_from(self.model, self.adapter)
+
+    def run(self, key, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The base model's last hidden state for ``input_ids`` [b, T] (full pass when not ``usable``)."""
+        body = self.model.base_model
+        if not self.usable():
+            return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        held = self._inputs.get(key)
+        if held is None or not (torch.equal(held[0], input_ids) and torch.equal(held[1], attention_mask)):
+            with block_input(self.model, self.adapter, self.layer) as store:
+                body(input_ids=input_ids, attention_mask=attention_mask)
+            held = self._inputs[key] = (input_ids, attention_mask, store["hidden"])
+        with layers_from(self.model, self.adapter, self.layer):
+            return body(inputs_embeds=held[2], attention_mask=attention_mask).last_hidden_state
