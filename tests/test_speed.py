@@ -154,3 +154,18 @@ def test_perplexity_batches_change_only_float_rounding(tiny_lm):
     many = perplexity(tiny_lm.model, tiny_lm.tokenizer, texts, max_tokens_per_batch=64)
     assert many.per_text == pytest.approx(one.per_text, rel=1e-5)
     assert many.mean_ppl == pytest.approx(one.mean_ppl, rel=1e-5)
+
+
+def test_scoring_batches_change_only_float_rounding(tiny_lm, builtin_cases):
+    """Target scores with the old single batch (8192 tokens) and the small-batch default agree to float rounding."""
+    from harness.metrics.scoring import score_targets
+
+    prompts, targets = [], []
+    for c in builtin_cases[:4]:
+        for p in (c.rewrite_prompt, *c.paraphrase_prompts, *c.neighborhood_prompts):
+            prompts += [p, p]
+            targets += [c.target_new, c.target_true]
+    one = score_targets(tiny_lm.model, tiny_lm.tokenizer, prompts, targets, max_tokens=8192)
+    many = score_targets(tiny_lm.model, tiny_lm.tokenizer, prompts, targets)
+    assert [s.nll_mean for s in many] == pytest.approx([s.nll_mean for s in one], rel=1e-5, abs=1e-6)
+    assert [s.token_accuracy for s in many] == [s.token_accuracy for s in one]
