@@ -16,13 +16,14 @@ from harness.models.partial import block_input, layers_from, stop_after, support
 TEXTS = ["The Eiffel Tower is located in", "Paris is the capital of", "A cat", "Danielle Darrieux speaks the language"]
 
 
-@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.fixture(params=[torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def lm_any(request, tiny_lm):
-    """Each tiny model in fp32 and in bf16 (a bf16 copy; the session's fp32 model is left as it was)."""
+    """Each tiny model in fp32, bf16 and fp16 (a copy; the session's fp32 model is left as it was): the GPU's
+    half-precision code paths, run on CPU."""
     if request.param == torch.float32:
         return tiny_lm
     import copy
-    return dataclasses.replace(tiny_lm, model=copy.deepcopy(tiny_lm.model).to(torch.bfloat16))
+    return dataclasses.replace(tiny_lm, model=copy.deepcopy(tiny_lm.model).to(request.param))
 
 
 @pytest.mark.parametrize("layer", [1, 2, 3])
@@ -94,6 +95,7 @@ def test_optimize_value_from_the_edit_layer_equals_the_full_pass(lm_any, builtin
     with monkeypatch.context() as m:
         _full_pass(m)
         slow = optimize_value(lm, case, name, templates, opt)
+    assert torch.isfinite(fast[0]).all()
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
     assert fast[2] == slow[2]
     assert fast[2]["v_steps"] == 6
@@ -169,3 +171,25 @@ def test_scoring_batches_change_only_float_rounding(tiny_lm, builtin_cases):
     many = score_targets(tiny_lm.model, tiny_lm.tokenizer, prompts, targets)
     assert [s.nll_mean for s in many] == pytest.approx([s.nll_mean for s in one], rel=1e-5, abs=1e-6)
     assert [s.token_accuracy for s in many] == [s.token_accuracy for s in one]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rome_edits_a_half_precision_model_on_cpu(tiny_llama, builtin_cases, monkeypatch, dtype):
+    """The GPU's half-precision path of a whole ROME edit (partial passes included), on CPU: the update is
+    finite, lands in the model's dtype, and equals the full-pass update."""
+    import copy
+    lm = dataclasses.replace(tiny_llama, model=copy.deepcopy(tiny_llama.model).to(dtype))
+    hp = RomeHparams(layer=1, v_num_grad_steps=4, mom2_adjustment=False, context_template_length_params=[[3, 2]])
+    editor = ROME(hp)
+    w = lm.adapter.mlp_weight(lm.model, 1)
+    before = w.detach().clone()
+    info = editor.execute(lm, [builtin_cases[0]])
+    assert w.dtype == dtype and torch.isfinite(w).all() and not torch.equal(w, before)
+    assert info["update_norm"] > 0
+    with torch.no_grad():
+        w.copy_(before)
+    fast = ROME(hp).rank_one_update(lm, builtin_cases[0])
+    with monkeypatch.context() as m:
+        _full_pass(m)
+        slow = ROME(hp).rank_one_update(lm, builtin_cases[0])
+    assert torch.equal(fast.delta, slow.delta)
