@@ -59,9 +59,11 @@ def block_list(model: nn.Module, adapter) -> tuple[nn.Module, str, nn.ModuleList
 
 
 def supports_layers_from(model: nn.Module, adapter) -> bool:
-    """Whether ``layers_from`` is exact for this model (a tested family, the expected base model class)."""
+    """Whether ``layers_from`` is exact for this model (a tested family, the expected base model class, all on one
+    device: a model split over devices with ``device_map`` takes the full pass)."""
     spec = _SUPPORTED.get(adapter.family)
-    return spec is not None and type(model.base_model).__name__ == spec[0]
+    split = len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
+    return spec is not None and type(model.base_model).__name__ == spec[0] and not split
 
 
 @contextlib.contextmanager
