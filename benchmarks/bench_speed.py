@@ -90,8 +90,64 @@ def timed_v_star(timer_ref: list):
             m.optimize_value = original
 
 
+@contextlib.contextmanager
+def unoptimised():
+    """The cycle as it was before issue 14's changes: full forward passes for keys and v*, perplexity in one
+    batch of up to 4096 tokens without reusing the blocks below the edit, CounterFact scoring in one batch of up
+    to 8192 tokens. For ``--ab``: the same process, model and load, so the ratio is robust on a shared machine."""
+    import functools
+
+    import harness.editors.common as common
+    import harness.metrics.counterfact as counterfact
+    import harness.session as session
+    saved = (common.supports_layers_from, common.stop_after, session.perplexity, counterfact.score_targets)
+    original_ppl = session.perplexity
+    common.supports_layers_from = lambda model, adapter: False
+    common.stop_after = lambda module: contextlib.nullcontext()
+    session.perplexity = lambda *a, **k: original_ppl(*a, **{**k, "below": None, "max_tokens_per_batch": 4096})
+    counterfact.score_targets = functools.partial(saved[3], max_tokens=8192)
+    try:
+        yield
+    finally:
+        common.supports_layers_from, common.stop_after, session.perplexity, counterfact.score_targets = saved
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
+
+
+def one_case(h, editor, case, protocols, tag: str = "") -> dict:
+    """One single-edit cycle, timed phase by phase in CPU seconds; the row printed and returned."""
+    timer_ref = [CPUTimer()]
+    timer = timer_ref[0]
+    with timed_v_star(timer_ref), timer.phase("cycle"):
+        m = protocols.single_edit(h, editor, case, timer)
+    row = {"case_id": case.case_id, "subject": case.subject,
+           **{k: round(timer.seconds.get(k, 0.0), 3) for k in PHASES},
+           **{k: m.metrics.get(k, m.info.get(k)) for k in RESULTS}}
+    print(f"  {tag}{case.case_id} {case.subject!r}: " + " ".join(f"{k} {row[k]:.2f}" for k in PHASES)
+          + f" | ES {row['efficacy_success']:.0f} PS {row['paraphrase_success']:.2f} "
+          f"NS {row['neighborhood_success']:.2f} ppl x{row['ppl_ratio']:.6f}", flush=True)
+    return row
+
+
+def ab(h, editor, cases, protocols) -> None:
+    """--ab: unoptimised then optimised cycle per case, alternating; means, ratio, largest result difference."""
+    slow, fast = [], []
+    for case in cases:
+        with unoptimised():
+            slow.append(one_case(h, editor, case, protocols, "unoptimised "))
+        fast.append(one_case(h, editor, case, protocols, "optimised   "))
+    print(f"\nCPU seconds per case (mean of {len(cases)}), one thread, unoptimised and optimised alternating in one "
+          "process")
+    print("| phase | unoptimised | optimised | unoptimised / optimised |")
+    print("|---|---|---|---|")
+    for k in PHASES:
+        a, b = statistics.fmean(r[k] for r in slow), statistics.fmean(r[k] for r in fast)
+        print(f"| {k} | {a:.2f} | {b:.2f} | {ratio(a, b)} |")
+    print("largest absolute difference per case, unoptimised against optimised: " + ", ".join(
+        f"{k} {max(abs(a[k] - b[k]) for a, b in zip(slow, fast)):.3g}" for k in RESULTS))
+    print(f"peak RSS of the process (both paths): {peak_rss_mb():.0f} MB")
 
 
 def main() -> None:
@@ -107,6 +163,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="previous run read from, this run written to")
     ap.add_argument("--no-save", action="store_true", help="do not overwrite --json")
     ap.add_argument("--label", default="", help="a note stored with the run (e.g. 'before')")
+    ap.add_argument("--ab", action="store_true",
+                    help="per case, the unoptimised cycle (as before issue 14) and then the optimised one, in this "
+                         "process: prints both and their ratio, checks equal results; --json is not written")
     ap.add_argument("--generation", action="store_true",
                     help="also the suite's WILD and fluency generations (off: the reference's cycle has none)")
     args = ap.parse_args()
@@ -131,21 +190,10 @@ def main() -> None:
           f"{len(cases)} cases of {h.dataset_name()}, {args.editor} {' '.join(hparams)}; once per session: "
           + ", ".join(f"{k} {v:.1f}" for k, v in once.seconds.items()) + " CPU-s", flush=True)
 
-    per_case = []
-    timer_ref: list = [None]
-    with timed_v_star(timer_ref):
-        for case in cases:
-            timer = timer_ref[0] = CPUTimer()
-            with timer.phase("cycle"):
-                m = protocols.single_edit(h, editor, case, timer)
-            row = {"case_id": case.case_id, "subject": case.subject,
-                   **{k: round(timer.seconds.get(k, 0.0), 3) for k in PHASES},
-                   **{k: m.metrics.get(k, m.info.get(k)) for k in RESULTS}}
-            per_case.append(row)
-            print(f"  {case.case_id} {case.subject!r}: " + " ".join(f"{k} {row[k]:.2f}" for k in PHASES)
-                  + f" | ES {row['efficacy_success']:.0f} PS {row['paraphrase_success']:.2f} "
-                  f"NS {row['neighborhood_success']:.2f} ppl x{row['ppl_ratio']:.4f}", flush=True)
+    per_case = [] if args.ab else [one_case(h, editor, case, protocols) for case in cases]
 
+    if args.ab:
+        return ab(h, editor, cases, protocols)
     mean = {k: statistics.fmean(r[k] for r in per_case) for k in PHASES}
     mean["peak_rss_mb"] = peak_rss_mb()
     previous = json.loads(args.json.read_text()) if args.json.is_file() else None
