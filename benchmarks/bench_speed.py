@@ -71,7 +71,7 @@ def git_commit() -> str:
 @contextlib.contextmanager
 def timed_v_star(timer_ref: list):
     """Time every v* optimisation (``common.optimize_value`` as the editors call it) into the current timer."""
-    import harness.editors.common as common
+    from harness.editors import common
     modules = [m for m in list(sys.modules.values())
                if getattr(m, "__name__", "").startswith("harness.editors.") and getattr(m, "optimize_value", None)
                is common.optimize_value]
@@ -97,9 +97,9 @@ def unoptimised():
     to 8192 tokens. For ``--ab``: the same process, model and load, so the ratio is robust on a shared machine."""
     import functools
 
-    import harness.editors.common as common
-    import harness.metrics.counterfact as counterfact
-    import harness.session as session
+    from harness import session
+    from harness.editors import common
+    from harness.metrics import counterfact
     saved = (common.supports_layers_from, common.stop_after, session.perplexity, counterfact.score_targets)
     original_ppl = session.perplexity
     common.supports_layers_from = lambda model, adapter: False
@@ -182,7 +182,7 @@ def main() -> None:
     with once.phase("load"):
         lm = h.lm
     with once.phase("base_perplexity"):
-        base = h.base_perplexity()
+        h.base_perplexity()
     with once.phase("prepare"):        # context templates and key statistics (cached on disk after the first run)
         editor = h.editor(args.editor)
     cases = h.cases()

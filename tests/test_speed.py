@@ -8,10 +8,20 @@ import dataclasses
 import pytest
 import torch
 
-import harness.editors.common as common
-from harness.editors.common import batch_encode, capture_io, module_io_at, optimize_value
+from harness.editors import common
+from harness.editors.common import (
+    batch_encode,
+    capture_io,
+    module_io_at,
+    optimize_value,
+)
 from harness.editors.rome import ROME, RomeHparams
-from harness.models.partial import block_input, layers_from, stop_after, supports_layers_from
+from harness.models.partial import (
+    block_input,
+    layers_from,
+    stop_after,
+    supports_layers_from,
+)
 
 TEXTS = ["The Eiffel Tower is located in", "Paris is the capital of", "A cat", "Danielle Darrieux speaks the language"]
 
@@ -49,9 +59,8 @@ def test_layers_from_restores_the_model_and_refuses_unsupported_families(tiny_lm
     assert [(n, id(m), len(m._forward_hooks)) for n, m in tiny_lm.model.named_modules()] == before
     other = dataclasses.replace(tiny_lm, adapter=dataclasses.replace(tiny_lm.adapter, family="mistral"))
     assert not supports_layers_from(other.model, other.adapter)
-    with pytest.raises(ValueError, match="not supported"):
-        with layers_from(other.model, other.adapter, 1):
-            pass
+    with pytest.raises(ValueError, match="not supported"), layers_from(other.model, other.adapter, 1):
+        pass
 
 
 @torch.no_grad()

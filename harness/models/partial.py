@@ -19,7 +19,7 @@ architectures) takes the full pass.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
