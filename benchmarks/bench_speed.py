@@ -1,6 +1,7 @@
 """CPU seconds of the single-edit cycle per case, phase by phase, against the reference ROME and the last run.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_speed.py --data-dir /work/shared/data --cases 5
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_speed.py --data-dir /work/shared/data --cases 3 --ab
 
 Runs the single-edit suite's own measurement (``protocols.single_edit``: CounterFact before, the edit, CounterFact
 after, ME-PPL after, restore) for each case with ROME at the reference settings of shared/REFERENCE.md (layer 5,
@@ -13,6 +14,10 @@ Prints the per-case means against the reference ROME (REFERENCE.md's side-by-sid
 and against the previous run of this script (read from, then written to, ``--json``; ``--no-save`` leaves it), and
 the largest difference of each result (ES, PS, NS, perplexity ratio, update norm) from the previous run's, so a
 change of results shows next to a change of speed.
+
+``--ab`` runs, per case, the unoptimised cycle (the code paths as before issue 14, ``unoptimised``) and then the
+optimised one in the same process, alternating, and prints both with their ratio and the largest result
+difference: on a shared machine this ratio is far steadier than two separate runs.
 """
 from __future__ import annotations
 
