@@ -49,6 +49,7 @@ class HarnessSession:
         self._wild_pre: dict[tuple[str, str], Any] = {}        # WILD: the unedited model's generations per case
         self._generation_pre: dict[tuple[str, str], Any] = {}  # fluency / consistency of the unedited model per case
         self._tfidf = None              # consistency: the TF-IDF vectorizer (CounterFact texts), fit once
+        self._ppl_below: dict[int, Any] = {}   # perplexity after a layer-L edit: blocks below L, once per session
 
     # --- the model and what is derived from it -------------------------------------------------------------
     @property
@@ -195,10 +196,27 @@ class HarnessSession:
             raise ValueError(f"--sweep-layers: {e}") from None
 
     # --- references measured once on the unedited model -----------------------------------------------------
-    def perplexity(self, prefix: str = "") -> PerplexityResult:
+    def perplexity(self, prefix: str = "", edit=None) -> PerplexityResult:
         """Perplexity of the model as it is now on the session's perplexity texts (each after ``prefix``: an
-        in-context editor's prompt prefix)."""
-        return perplexity(self.lm.model, self.lm.tokenizer, self.ppl_texts(), prefix=prefix)
+        in-context editor's prompt prefix). ``edit``: the one edit the unedited model now carries; when it wrote
+        parameters of blocks L and above only, the blocks below L are run once per session and reused
+        (``harness.models.partial.BelowLayer``; the same numbers)."""
+        return perplexity(self.lm.model, self.lm.tokenizer, self.ppl_texts(), prefix=prefix,
+                          below=self._below_edit(edit))
+
+    def _below_edit(self, edit):
+        """The session's ``BelowLayer`` for ``edit``'s lowest written block, or None (no edit, hooks, a prompt
+        prefix, or a written parameter outside the blocks)."""
+        if edit is None or edit.undo is not None or edit.prompt_prefix or not edit.changed_parameters:
+            return None
+        layers = [self.lm.adapter.layer_of(n) for n in edit.changed_parameters]
+        if any(layer is None for layer in layers) or min(layers) == 0:
+            return None
+        from .models.partial import BelowLayer
+        layer = min(layers)
+        if layer not in self._ppl_below:
+            self._ppl_below[layer] = BelowLayer(self.lm.model, self.lm.adapter, layer)
+        return self._ppl_below[layer]
 
     def base_perplexity(self) -> PerplexityResult:
         """Perplexity of the unedited model, computed once per session."""

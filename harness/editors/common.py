@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..data.case import EditCase
 from ..data.corpus import sample_continuations
 from ..models.loading import LoadedModel
+from ..models.partial import block_input, layers_from, stop_after, supports_layers_from
 from ..tokens import encode_target, pad_batch  # noqa: F401 - encode_target re-exported for editors
 
 
@@ -77,15 +78,19 @@ def add_at_positions(module: torch.nn.Module, delta: torch.Tensor, rows: torch.T
 @torch.no_grad()
 def module_io_at(lm: LoadedModel, module_name: str, texts: Sequence[str], positions: Sequence[int],
                  batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """A module's input and output vectors at one token position per text: ([n, d_in], [n, d_out])."""
+    """A module's input and output vectors at one token position per text: ([n, d_in], [n, d_out]). The pass
+    stops after the module (``stop_after``): the layers above it cannot change what it sees."""
     module = lm.model.get_submodule(module_name)
     ins, outs = [], []
     for s in range(0, len(texts), batch_size):
         ids, mask = batch_encode(lm.tokenizer, texts[s:s + batch_size], lm.device)
         pos = torch.tensor(positions[s:s + batch_size], device=ids.device)
         rows = torch.arange(len(pos), device=ids.device)
-        with capture_io(module) as io:
-            lm.model(input_ids=ids, attention_mask=mask)
+        with capture_io(module) as io, stop_after(module):
+            lm.model.base_model(input_ids=ids, attention_mask=mask)
+        if not io:                                  # a module outside the base model (the output head)
+            with capture_io(module) as io:
+                lm.model(input_ids=ids, attention_mask=mask)
         ins.append(io["input"][rows, pos].float())
         outs.append(io["output"][rows, pos].float())
     return torch.cat(ins), torch.cat(outs)
@@ -259,10 +264,16 @@ def subject_noise(case: EditCase, lengths: Sequence[int], dim: int, device, dtyp
     return [(case.noise_std * torch.randn(n, dim, generator=gen)).to(device=device, dtype=dtype) for n in lengths]
 
 
-def _drop_suffix(cache, n: int) -> None:
-    """Return a KV cache to its prefix: remove the last ``n`` positions and cut them from this step's graph."""
-    cache.crop(-n)
-    for layer in getattr(cache, "layers", ()):              # transformers >= 4.56 layout
+def _drop_suffix(cache, n: int, prefix_len: int) -> None:
+    """Return a KV cache to its prefix of ``prefix_len`` positions: remove the ``n`` suffix positions from every
+    layer that holds them (a pass from layer L on, ``layers_from``, only fills layers L..) and cut them from this
+    step's graph."""
+    layers = getattr(cache, "layers", None)                 # transformers >= 4.56 layout
+    if layers is None:
+        cache.crop(-n)
+    for layer in layers or ():
+        if layer.get_seq_length() > prefix_len:
+            layer.crop(prefix_len - layer.get_seq_length())
         layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
     for attr in ("key_cache", "value_cache"):               # older layout
         if isinstance(getattr(cache, attr, None), list):
@@ -330,6 +341,20 @@ def optimize_value(lm: LoadedModel, case: EditCase, module_name: str, templates:
     kl_cols = torch.zeros(n - n_rw, dtype=torch.long, device=dev)
     all_rows, col0 = torch.arange(n, device=dev), torch.zeros(n, dtype=torch.long, device=dev)
 
+    # the blocks below the edited module's never see delta: their output for the suffix is computed once, and
+    # every step runs the model from the module's block on (``layers_from``: bit-identical to the full pass,
+    # tests/test_speed.py); families it does not support take the full pass
+    start = lm.adapter.layer_of(module_name) if supports_layers_from(model, lm.adapter) else None
+    step_in = suf_in
+    if start and (cache is None or hasattr(cache, "layers")):
+        with torch.no_grad(), block_input(model, lm.adapter, start) as below:
+            body(**suf_in, attention_mask=full_mask, position_ids=suf_pos, past_key_values=cache,
+                 use_cache=cache is not None)
+        if cache is not None:
+            _drop_suffix(cache, suf_ids.shape[1], P)
+        step_in = {"inputs_embeds": below["hidden"]}
+    else:
+        start = None
     module = model.get_submodule(module_name)
     delta = init_kl = optimizer = None
     losses, most_probable = [], []
@@ -339,11 +364,12 @@ def optimize_value(lm: LoadedModel, case: EditCase, module_name: str, templates:
                 body(input_ids=suf_ids[:1, :1], position_ids=suf_pos[:1, :1])
             delta = torch.zeros(io["output"].shape[-1], device=dev, dtype=torch.float32, requires_grad=True)
             optimizer = torch.optim.Adam([delta], lr=opt.lr)
-        with add_at_positions(module, delta, all_rows, col0) as info:
-            hidden = body(**suf_in, attention_mask=full_mask, position_ids=suf_pos,
+        with add_at_positions(module, delta, all_rows, col0) as info, \
+                (layers_from(model, lm.adapter, start) if start else contextlib.nullcontext()):
+            hidden = body(**step_in, attention_mask=full_mask, position_ids=suf_pos,
                           past_key_values=cache, use_cache=cache is not None).last_hidden_state  # [n, S, d_model]
         if cache is not None:
-            _drop_suffix(cache, suf_ids.shape[1])
+            _drop_suffix(cache, suf_ids.shape[1], P)
         # logits only where needed (target and KL positions), never [n, S, V]
         logp = F.log_softmax(head(hidden[tgt_rows, tgt_cols]).float(), dim=-1)   # [n_rw * t, V]
         nll = -logp.gather(1, tgt_ids[:, None]).squeeze(1)

@@ -9,6 +9,11 @@ Also "token-weighted": exp(total NLL / total predicted tokens). Full-vocabulary 
 With a ``prefix`` (an in-context editor's demonstrations and new facts, e.g. IKE), each text is scored after the
 prefix: the prefix's tokens are context only, and the predicted tokens are the same as without it (the text's
 second token on), so the numbers compare with the unprefixed model's ("me-ppl after the prompt prefix").
+
+Speed: texts are batched by length under a budget of ``max_tokens_per_batch`` padded positions (512: on ME-PPL_50
+one batch of 50 x 55 positions held 2,750 positions for 1,352 tokens; batches of 512 hold 1,602). With ``below``
+(a ``BelowLayer`` of layer L, when the model was edited at layer L and above only) the blocks below L are run once
+per batch and reused by later calls (``harness.models.partial``); the numbers are the same (tests/test_speed.py).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..models.partial import BelowLayer
 from ..tokens import pad_batch, token_budget_batches
 
 PROTOCOLS = {"ppl": "me-ppl (mean of per-sentence perplexity)", "ppl_token": "token-weighted perplexity"}
@@ -35,8 +41,8 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def perplexity(model, tok, texts: Sequence[str], *, max_tokens_per_batch: int = 4096, max_len: int = 1024,
-               chunk: int = 1024, prefix: str = "") -> PerplexityResult:
+def perplexity(model, tok, texts: Sequence[str], *, max_tokens_per_batch: int = 512, max_len: int = 1024,
+               chunk: int = 1024, prefix: str = "", below: BelowLayer | None = None) -> PerplexityResult:
     head, body = model.get_output_embeddings(), model.base_model
     device = next(model.parameters()).device
     encoded = [tok(t).input_ids[:max_len] for t in texts]
@@ -49,7 +55,10 @@ def perplexity(model, tok, texts: Sequence[str], *, max_tokens_per_batch: int = 
     for batch in token_budget_batches([P + len(encoded[i]) for i in order], max_tokens_per_batch):
         idx = [order[b] for b in batch]          # similar lengths together (sorted): little padding
         ids, mask = pad_batch([p_ids + encoded[i] for i in idx], tok.pad_token_id, device=device)
-        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state        # [b, P + T, d]
+        if below is not None and not prefix:
+            hidden = below.run(tuple(idx), ids, mask)                               # [b, T, d]
+        else:
+            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state    # [b, P + T, d]
         pred_mask = mask[:, 1:].bool()                                            # positions with a next token
         pred_mask[:, :P] = False                 # the prefix predicts nothing (nor does its last token: the
                                                  # text's first token is not scored without a prefix either)

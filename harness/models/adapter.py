@@ -39,6 +39,14 @@ class ArchAdapter:
     def weight_name(self, layer: int) -> str:
         return f"{self.mlp_name(layer)}.weight"
 
+    def layer_of(self, name: str) -> int | None:
+        """The index of the decoder block that module or parameter ``name`` belongs to (None: not in a block)."""
+        head = self.layers[: self.layers.index("{}")]
+        if not name.startswith(head):
+            return None
+        index = name[len(head):].split(".", 1)[0]
+        return int(index) if index.isdigit() else None
+
     # --- modules and weights -------------------------------------------------------------------------
     @staticmethod
     def n_layers(model: nn.Module) -> int:

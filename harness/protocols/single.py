@@ -36,7 +36,7 @@ def single_edit(session: HarnessSession, editor: Editor, case: EditCase, timer: 
             post = counterfact(session, case, edit)
         extra, extra_protocols, extra_info = after(session, case, edit, gen_pre, timer)
         with timer.phase("perplexity"):
-            ppl = session.perplexity(prefix=edit.prompt_prefix)
+            ppl = session.perplexity(prefix=edit.prompt_prefix, edit=edit)
     metrics = {**{f"{k}_pre": v for k, v in pre.items()}, **post,
                "ppl_before": base.mean_ppl, "ppl_after": ppl.mean_ppl, "ppl_ratio": ppl.mean_ppl / base.mean_ppl,
                "ppl_token_before": base.token_ppl, "ppl_token_after": ppl.token_ppl}

@@ -1,0 +1,235 @@
+"""CPU seconds of the single-edit cycle per case, phase by phase, against the reference ROME and the last run.
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_speed.py --data-dir /work/shared/data --cases 5
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_speed.py --data-dir /work/shared/data --cases 3 --ab
+
+Runs the single-edit suite's own measurement (``protocols.single_edit``: CounterFact before, the edit, CounterFact
+after, ME-PPL after, restore) for each case with ROME at the reference settings of shared/REFERENCE.md (layer 5,
+key statistics from WikiText with ``--data-dir``), at one thread, and times every phase in CPU seconds of this
+process (``time.process_time``: on a shared machine, wall time measures the neighbours). Inside the edit the v*
+optimisation is timed separately. One-off work (model load, key statistics, context templates, the unedited
+model's perplexity) is reported apart: it is paid once per session, not per case.
+
+Prints the per-case means against the reference ROME (REFERENCE.md's side-by-side table, same machine, one thread)
+and against the previous run of this script (read from, then written to, ``--json``; ``--no-save`` leaves it), and
+the largest difference of each result (ES, PS, NS, perplexity ratio, update norm) from the previous run's, so a
+change of results shows next to a change of speed.
+
+``--ab`` runs, per case, the unoptimised cycle (the code paths as before issue 14, ``unoptimised``) and then the
+optimised one in the same process, alternating, and prints both with their ratio and the largest result
+difference: on a shared machine this ratio is far steadier than two separate runs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# REFERENCE.md, "Side by side at one thread": kmeng01/rome on the same model, layer, v* settings and 100k WikiText-2
+# tokens; CPU seconds per case, mean of the first 5 records of counterfact_rome_sample500.json
+REFERENCE = {"edit": 41.7, "evaluate": 3.0, "perplexity": 8.8, "cycle": 55.6, "peak_rss_mb": 2.29 * 1024}
+PHASES = ("edit", "v_star", "evaluate", "perplexity", "restore", "cycle")   # cycle: all of single_edit
+RESULTS = ("efficacy_success", "paraphrase_success", "neighborhood_success", "ppl_ratio", "update_norm")
+DEFAULT_JSON = Path(__file__).parent / "results" / "speed-cpu.json"
+
+
+class CPUTimer:
+    """``PhaseTimer``'s interface, in CPU seconds of this process (all threads)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.process_time() - t0
+
+    def memory(self) -> dict[str, float]:
+        return {"peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def timed_v_star(timer_ref: list):
+    """Time every v* optimisation (``common.optimize_value`` as the editors call it) into the current timer."""
+    from harness.editors import common
+    modules = [m for m in list(sys.modules.values())
+               if getattr(m, "__name__", "").startswith("harness.editors.") and getattr(m, "optimize_value", None)
+               is common.optimize_value]
+    original = common.optimize_value
+
+    def wrapped(*a, **k):
+        with timer_ref[0].phase("v_star"):
+            return original(*a, **k)
+
+    for m in modules:
+        m.optimize_value = wrapped
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.optimize_value = original
+
+
+@contextlib.contextmanager
+def unoptimised():
+    """The cycle as it was before issue 14's changes: full forward passes for keys and v*, perplexity in one
+    batch of up to 4096 tokens without reusing the blocks below the edit, CounterFact scoring in one batch of up
+    to 8192 tokens. For ``--ab``: the same process, model and load, so the ratio is robust on a shared machine."""
+    import functools
+
+    from harness import session
+    from harness.editors import common
+    from harness.metrics import counterfact
+    saved = (common.supports_layers_from, common.stop_after, session.perplexity, counterfact.score_targets)
+    original_ppl = session.perplexity
+    common.supports_layers_from = lambda model, adapter: False
+    common.stop_after = lambda module: contextlib.nullcontext()
+    session.perplexity = lambda *a, **k: original_ppl(*a, **{**k, "below": None, "max_tokens_per_batch": 4096})
+    counterfact.score_targets = functools.partial(saved[3], max_tokens=8192)
+    try:
+        yield
+    finally:
+        common.supports_layers_from, common.stop_after, session.perplexity, counterfact.score_targets = saved
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def one_case(h, editor, case, protocols, tag: str = "") -> dict:
+    """One single-edit cycle, timed phase by phase in CPU seconds; the row printed and returned."""
+    timer_ref = [CPUTimer()]
+    timer = timer_ref[0]
+    with timed_v_star(timer_ref), timer.phase("cycle"):
+        m = protocols.single_edit(h, editor, case, timer)
+    row = {"case_id": case.case_id, "subject": case.subject,
+           **{k: round(timer.seconds.get(k, 0.0), 3) for k in PHASES},
+           **{k: m.metrics.get(k, m.info.get(k)) for k in RESULTS}}
+    print(f"  {tag}{case.case_id} {case.subject!r}: " + " ".join(f"{k} {row[k]:.2f}" for k in PHASES)
+          + f" | ES {row['efficacy_success']:.0f} PS {row['paraphrase_success']:.2f} "
+          f"NS {row['neighborhood_success']:.2f} ppl x{row['ppl_ratio']:.6f}", flush=True)
+    return row
+
+
+def ab(h, editor, cases, protocols) -> None:
+    """--ab: unoptimised then optimised cycle per case, alternating; means, ratio, largest result difference."""
+    slow, fast = [], []
+    for case in cases:
+        with unoptimised():
+            slow.append(one_case(h, editor, case, protocols, "unoptimised "))
+        fast.append(one_case(h, editor, case, protocols, "optimised   "))
+    print(f"\nCPU seconds per case (mean of {len(cases)}), one thread, unoptimised and optimised alternating in one "
+          "process")
+    print("| phase | unoptimised | optimised | unoptimised / optimised |")
+    print("|---|---|---|---|")
+    for k in PHASES:
+        a, b = statistics.fmean(r[k] for r in slow), statistics.fmean(r[k] for r in fast)
+        print(f"| {k} | {a:.2f} | {b:.2f} | {ratio(a, b)} |")
+    print("largest absolute difference per case, unoptimised against optimised: " + ", ".join(
+        f"{k} {max(abs(a[k] - b[k]) for a, b in zip(slow, fast)):.3g}" for k in RESULTS))
+    print(f"peak RSS of the process (both paths): {peak_rss_mb():.0f} MB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, default=5)
+    ap.add_argument("--editor", default="rome")
+    ap.add_argument("--dataset", default="auto", help="auto: CounterFact with --data-dir, else builtin")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--hparam", action="append", default=None,
+                    help="editor hparams (default: rome.layer=5, the reference's layer)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="previous run read from, this run written to")
+    ap.add_argument("--no-save", action="store_true", help="do not overwrite --json")
+    ap.add_argument("--label", default="", help="a note stored with the run (e.g. 'before')")
+    ap.add_argument("--ab", action="store_true",
+                    help="per case, the unoptimised cycle (as before issue 14) and then the optimised one, in this "
+                         "process: prints both and their ratio, checks equal results; --json is not written")
+    ap.add_argument("--generation", action="store_true",
+                    help="also the suite's WILD and fluency generations (off: the reference's cycle has none)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from harness import protocols
+    from harness.session import HarnessSession, Options
+
+    hparams = args.hparam if args.hparam is not None else [f"{args.editor}.layer=5"]
+    h = HarnessSession(Options(editors=[args.editor], model=args.model, data_dir=args.data_dir, dataset=args.dataset,
+                               n_cases=args.cases, hparams=hparams, progress=False,
+                               wild=args.generation, fluency=args.generation))
+    once = CPUTimer()
+    with once.phase("load"):
+        lm = h.lm
+    with once.phase("base_perplexity"):
+        h.base_perplexity()
+    with once.phase("prepare"):        # context templates and key statistics (cached on disk after the first run)
+        editor = h.editor(args.editor)
+    cases = h.cases()
+    print(f"{args.model} ({lm.identity['n_params'] / 1e6:.0f}M params), {torch.get_num_threads()} thread(s), "
+          f"{len(cases)} cases of {h.dataset_name()}, {args.editor} {' '.join(hparams)}; once per session: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in once.seconds.items()) + " CPU-s", flush=True)
+
+    per_case = [] if args.ab else [one_case(h, editor, case, protocols) for case in cases]
+
+    if args.ab:
+        return ab(h, editor, cases, protocols)
+    mean = {k: statistics.fmean(r[k] for r in per_case) for k in PHASES}
+    mean["peak_rss_mb"] = peak_rss_mb()
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else None
+    prev = (previous or {}).get("mean", {})
+    print(f"\nCPU seconds per case (mean of {len(per_case)}), one thread; machine shared, so +-10% is noise")
+    print("| phase | reference ROME | previous run | this run | reference / this | previous / this |")
+    print("|---|---|---|---|---|---|")
+    for k in (*PHASES, "peak_rss_mb"):
+        ref, p, now = REFERENCE.get(k), prev.get(k), mean[k]
+        fmt = (lambda x: f"{x:.0f} MB") if k == "peak_rss_mb" else (lambda x: f"{x:.2f}")
+        print(f"| {k} | {fmt(ref) if ref else '-'} | {fmt(p) if p else '-'} | {fmt(now)} | {ratio(ref, now)} | "
+              f"{ratio(p, now)} |")
+    if previous:
+        same = {r["case_id"]: r for r in previous.get("cases", [])}
+        diffs = {k: max((abs(r[k] - same[r["case_id"]][k]) for r in per_case if r["case_id"] in same
+                         and r[k] is not None and same[r["case_id"]].get(k) is not None), default=None)
+                 for k in RESULTS}
+        print(f"results against the previous run ({previous.get('commit')}, {previous.get('label')!r}), largest "
+              "absolute difference per case: " + ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} -"
+                                                              for k, v in diffs.items()))
+    if not args.no_save:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        out = {"label": args.label, "commit": git_commit(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "dataset": h.dataset_name(),
+               "editor": args.editor, "hparams": hparams, "once": {k: round(v, 2) for k, v in once.seconds.items()},
+               "mean": {k: round(v, 3) for k, v in mean.items()}, "reference": REFERENCE, "cases": per_case,
+               "previous": {k: previous.get(k) for k in ("label", "commit", "when", "mean")} if previous else None}
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
