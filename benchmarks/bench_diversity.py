@@ -15,6 +15,10 @@ measurement continues where it stopped.
 prints the values after N edits of every stream of N or more edits as markdown (the first N edits of a longer
 stream are the N-edit stream: the sets are prefixes of each other, the editors deterministic), and per editor the
 correlation of target diversity with the decline across sets.
+
+    python benchmarks/bench_diversity.py --html reports/diversity/bench.html --rows reports/diversity/bench-n20.jsonl
+
+writes the rows as the harness's HTML run report (the diversity suite's plots and tables; no model is loaded).
 """
 from __future__ import annotations
 
@@ -100,6 +104,19 @@ def summarise(paths: list[str], n: int, data_dir: str | None, model: str | None)
             print(name, {k: fmt(v) for k, v in d.items()})
 
 
+def rows_as_run(paths: list[str]) -> dict:
+    """JSONL rows of this script as a run dict the HTML report reads: one diversity-suite record per stream."""
+    rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    records = [{"suite": "diversity", "editor": r["editor"], "case_id": r["set"], "outcome": "passed",
+                "nodeid": f"benchmarks/bench_diversity.py::{r['editor']}[{r['dataset']}-{r['set']}-{r['n_edits']}]",
+                "info": {"diversity_set": r["set"], "dataset": r["dataset"]},
+                "metrics": {k: v for k, v in r.items() if k not in ("editor", "set", "dataset", "seconds")}}
+               for r in rows]
+    return {"run_id": "bench-diversity", "config": {"editors": list(dict.fromkeys(r["editor"] for r in rows)),
+                                                    "dataset": ", ".join(sorted({r["dataset"] for r in rows}))},
+            "records": records}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--editors", nargs="+", default=["rome", "memit", "alphaedit", "d4s"])
@@ -112,8 +129,14 @@ def main() -> None:
     ap.add_argument("--hparam", action="append", default=[])
     ap.add_argument("--out", default="reports/diversity/bench.jsonl")
     ap.add_argument("--summarise", type=int, metavar="N", help="print the values after N edits of --rows and exit")
-    ap.add_argument("--rows", nargs="+", default=[], help="JSONL files of earlier runs, for --summarise")
+    ap.add_argument("--rows", nargs="+", default=[], help="JSONL files of earlier runs, for --summarise / --html")
+    ap.add_argument("--html", metavar="PATH", help="write --rows (default --out) as an HTML report and exit")
     a = ap.parse_args()
+    if a.html:
+        from harness.report.html import write_html
+
+        print(write_html(rows_as_run(a.rows or [a.out]), a.html))
+        return
     if a.summarise:
         summarise(a.rows or [a.out], a.summarise, a.data_dir, a.model)
         return

@@ -346,7 +346,9 @@ def test_diversity_suite_records_streams_and_the_comparison(pytester, tiny_model
     (summary,) = [r for r in run["records"] if "decline" in r["nodeid"]]
     assert summary["metrics"]["n_sets"] == 3 and len(summary["metrics"]["diversity_table"]) == 3
     assert "diversity_ppl_ratio_spearman" in summary["metrics"]
-    assert "Target diversity: accuracy and edited-layer norm" in (pytester.path / "reports" / "latest.html").read_text()
+    html = (pytester.path / "reports" / "latest.html").read_text()
+    assert "Target diversity: accuracy and edited-layer norm" in html
+    assert "Target diversity: decline against the diversity of the targets" in html
 
 
 def test_diversity_suite_asserts_norm_growth_and_rejects_bad_sets(pytester, tiny_model_dir):  # noqa: F811
@@ -380,6 +382,29 @@ def test_the_report_plots_the_streams():
     assert plot_diversity([{**records[0], "suite": "sequential"}], ["rome"]) is None
     titles = [p["title"] for p in build_plots(records, ["rome", "d4s"], 2.0)]
     assert "Target diversity: accuracy and edited-layer norm along each stream" in titles
+
+
+def test_the_report_plots_decline_against_diversity():
+    from harness.report.html import build_plots, plot_diversity_decline
+
+    def rec(editor, kind, entropy, final, ppl, grow, n=20):
+        return {"suite": "diversity", "editor": editor, "case_id": kind, "outcome": "passed",
+                "info": {"diversity_set": kind},
+                "metrics": {"n_edits": n, "target_entropy": entropy, "efficacy_final": final, "ppl_ratio": ppl,
+                            "norm_growth": grow}}
+    records = [rec("rome", "distinct", 4.32, 0.25, 1.3, 2.0), rec("rome", "yesno", 1.0, 0.75, 1.1, 1.4),
+               rec("d4s", "yesno", 1.0, 1.0, None, 1.01),
+               {"suite": "diversity", "editor": "rome", "case_id": "decline", "metrics": {"n_sets": 2}}]
+    fig = plot_diversity_decline(records, ["rome", "d4s"])
+    loss, ppl, norm = fig.axes
+    assert [line.get_label() for line in loss.lines] == ["d4s_N20", "rome_N20"]
+    # sorted by entropy within an editor; the left panel is 1 - the final accuracy
+    assert list(loss.lines[1].get_xdata()) == [1.0, 4.32] and list(loss.lines[1].get_ydata()) == [0.25, 0.75]
+    assert [line.get_label() for line in ppl.lines] == ["rome_N20"]   # d4s has no ppl_ratio: no line
+    assert list(norm.lines[1].get_ydata()) == [1.4, 2.0] and norm.get_xlabel() == "target entropy (bits)"
+    assert plot_diversity_decline([{**records[0], "suite": "sequential"}], ["rome"]) is None
+    titles = [p["title"] for p in build_plots(records, ["rome", "d4s"], 2.0)]
+    assert "Target diversity: decline against the diversity of the targets" in titles
 
 
 def test_a_shorter_family_is_a_prefix_of_a_longer_one(builtin_cases):

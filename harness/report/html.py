@@ -228,6 +228,11 @@ def build_plots(records: list[dict], editors: list[str], collapse_ratio: float |
          "every edit made so far (left) and the edited layers' L1 norm relative to the unedited model (right) "
          "against the number of edits; one colour per editor, one line style per edit set (docs/diversity.md).",
          lambda: plot_diversity(active, editors)),
+        ("Target diversity: decline against the diversity of the targets", "Diversity suite: after the last edit "
+         "of each stream, 1 - the accuracy of all edits (left), the perplexity ratio (middle) and the edited "
+         "layers' L1 norm growth (right) against the entropy of the set's targets (bits); one colour per editor, "
+         "sets of one editor and stream length joined. The D4S paper predicts rising lines (docs/diversity.md).",
+         lambda: plot_diversity_decline(active, editors)),
         ("Time per phase", "Median seconds per test record, stacked by phase, per editor and suite.",
          lambda: plot_timings(active, editors)),
         ("Causal tracing: average effect per layer", "P(answer | noised subject, clean state restored at the "
@@ -595,4 +600,38 @@ def plot_diversity(records: list[dict], editors: list[str]) -> Figure | None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     _legend_outside(right)
+    return fig
+
+
+_DECLINE_PANELS = (("efficacy_final", "1 - accuracy of all edits"), ("ppl_ratio", "perplexity ratio"),
+                   ("norm_growth", "L1 norm growth"))
+
+
+def plot_diversity_decline(records: list[dict], editors: list[str]) -> Figure | None:
+    """Diversity suite records: each stream's decline after its last edit against its set's target entropy, one
+    line per (editor, number of edits) over the sets."""
+    groups: dict[tuple[str, Any], list[tuple[float, dict]]] = defaultdict(list)
+    for rec in records:
+        if suite_of(rec) != "diversity":
+            continue
+        x = as_number(metric(rec, "target_entropy"))
+        if x is not None:
+            groups[(editor_of(rec), metric(rec, "n_edits"))].append((x, rec))
+    if not groups:
+        return None
+    fig = _new_figure(12.0, 3.6)
+    axes = fig.subplots(1, len(_DECLINE_PANELS))
+    colours = {e: f"C{i % 10}" for i, e in enumerate(editors)}
+    for (editor, n), pts in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        pts.sort(key=lambda p: p[0])
+        label = safe_label(f"{editor}_N{n}" if n is not None else editor)
+        for ax, (name, _) in zip(axes, _DECLINE_PANELS, strict=True):
+            xy = [(x, as_number(metric(r, name))) for x, r in pts]
+            xy = [(x, 1.0 - y if name == "efficacy_final" else y) for x, y in xy if y is not None]
+            if xy:
+                ax.plot(*zip(*xy, strict=True), color=colours.get(editor, "grey"), marker="o", label=label)
+    for ax, (_, ylabel) in zip(axes, _DECLINE_PANELS, strict=True):
+        ax.set(xlabel="target entropy (bits)", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    _legend_outside(axes[-1])
     return fig
