@@ -228,10 +228,11 @@ def build_plots(records: list[dict], editors: list[str], collapse_ratio: float |
          "every edit made so far (left) and the edited layers' L1 norm relative to the unedited model (right) "
          "against the number of edits; one colour per editor, one line style per edit set (docs/diversity.md).",
          lambda: plot_diversity(active, editors)),
-        ("Target diversity: decline against the diversity of the targets", "Diversity suite: after the last edit "
-         "of each stream, 1 - the accuracy of all edits (left), the perplexity ratio (middle) and the edited "
-         "layers' L1 norm growth (right) against the entropy of the set's targets (bits); one colour per editor, "
-         "sets of one editor and stream length joined. The D4S paper predicts rising lines (docs/diversity.md).",
+        ("Target diversity: decline against the diversity of the targets",
+         ("Diversity suite: after the last edit of each stream, 1 - the accuracy of all edits (left), the "
+          "perplexity ratio (middle) and the edited layers' L1 norm growth (right) against the entropy of the set's "
+          "targets (bits); one colour per editor, sets of one editor and stream length joined. The D4S paper "
+          "predicts rising lines (docs/diversity.md)."),
          lambda: plot_diversity_decline(active, editors)),
         ("Time per phase", "Median seconds per test record, stacked by phase, per editor and suite.",
          lambda: plot_timings(active, editors)),
