@@ -196,7 +196,7 @@ def collect(session: Any, model: dict[str, Any] | None = None) -> dict[str, Any]
     editors = {name: resolve_editor(name, o.hparams, identity.get("family"), identity.get("n_layers"),
                                     built.get(name)) for name in o.editors}
     return {"harness": harness_provenance(), "editors": editors, "dataset": _session_dataset(session),
-            "corpora": _session_corpora(session), "seeds": _session_seeds(session)}
+            "corpora": _session_corpora(session), "seeds": _session_seeds(session, editors)}
 
 
 def _session_dataset(session: Any) -> dict[str, Any]:
@@ -235,14 +235,20 @@ def _session_corpora(session: Any) -> dict[str, Any]:
     return out
 
 
-def _session_seeds(session: Any) -> dict[str, Any]:
+def _session_seeds(session: Any, editors: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The seeds a run used, from its configuration, not from what this process happened to build (a shard that
+    ran no tracing test or never built an editor records the same seeds as one that did)."""
+    import inspect
+
     from .metrics.registry import BOOTSTRAP_SEED
+    from .tracing import CausalTracer
 
     tracer = getattr(session, "_tracer", None)
+    default_tracing = inspect.signature(CausalTracer.__init__).parameters["seed"].default
     seeds: dict[str, Any] = {"bootstrap": BOOTSTRAP_SEED, "editing_problems_noise": 0,
-                             "tracing_noise": getattr(tracer, "seed", None)}
-    for name, editor in (getattr(session, "_editors", None) or {}).items():
-        seed = getattr(getattr(editor, "hparams", None), "template_seed", None)
+                             "tracing_noise": getattr(tracer, "seed", default_tracing)}
+    for name, resolved in editors.items():
+        seed = (resolved.get("hparams") or {}).get("template_seed")
         if seed is not None:
             seeds[f"{name}.template_seed"] = seed
     try:

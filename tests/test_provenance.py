@@ -99,6 +99,9 @@ def test_collect_on_a_session_that_never_loaded_the_model():
     assert out["corpora"]["perplexity"]["spec"] == "builtin-sentences"
     assert out["corpora"]["statistics"] == {"spec": "auto", "tokens_requested": 100_000, "used": False}
     assert out["seeds"]["bootstrap"] and "torch_initial_seed" in out["seeds"]
+    # seeds come from the configuration, not from what this process built: the same in every shard of a sweep
+    assert out["seeds"]["tracing_noise"] == 1 and session._tracer is None
+    assert out["seeds"]["memit.template_seed"] == 0 and not session._editors
     run = BenchmarkRun(config={"editors": ["rome", "memit"]}, provenance=out)
     data = json.loads(json.dumps(run.to_json(model={"name": "m"}, machine={"hostname": "h"})))
     assert data["schema_version"] == SCHEMA_VERSION == 2
