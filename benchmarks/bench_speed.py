@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from harness.timing import PhaseTimer, peak_rss_mb
 
 # REFERENCE.md, "Side by side at one thread": kmeng01/rome on the same model, layer, v* settings and 100k WikiText-2
 # tokens; CPU seconds per case, mean of the first 5 records of counterfact_rome_sample500.json
@@ -42,27 +43,9 @@ RESULTS = ("efficacy_success", "paraphrase_success", "neighborhood_success", "pp
 DEFAULT_JSON = Path(__file__).parent / "results" / "speed-cpu.json"
 
 
-class CPUTimer:
-    """``PhaseTimer``'s interface, in CPU seconds of this process (all threads)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        t0 = time.process_time()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.process_time() - t0
-
-    def memory(self) -> dict[str, float]:
-        return {"peak_rss_mb": peak_rss_mb()}
-
-
-def peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+def cpu_timer() -> PhaseTimer:
+    """``PhaseTimer`` on CPU seconds of this process (all threads)."""
+    return PhaseTimer("cpu", clock=time.process_time)
 
 
 def git_commit() -> str:
@@ -123,7 +106,7 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def one_case(h, editor, case, protocols, tag: str = "") -> dict:
     """One single-edit cycle, timed phase by phase in CPU seconds; the row printed and returned."""
-    timer_ref = [CPUTimer()]
+    timer_ref = [cpu_timer()]
     timer = timer_ref[0]
     with timed_v_star(timer_ref), timer.phase("cycle"):
         m = protocols.single_edit(h, editor, case, timer)
@@ -183,7 +166,7 @@ def main() -> None:
     h = HarnessSession(Options(editors=[args.editor], model=args.model, data_dir=args.data_dir, dataset=args.dataset,
                                n_cases=args.cases, hparams=hparams, progress=False,
                                wild=args.generation, fluency=args.generation))
-    once = CPUTimer()
+    once = cpu_timer()
     with once.phase("load"):
         lm = h.lm
     with once.phase("base_perplexity"):
