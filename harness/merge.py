@@ -11,6 +11,7 @@ read the merged file like any run JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ def _same_corpus_files(runs: Sequence[tuple[str, dict]]) -> None:
     """Shards that read a corpus file must have read the same file (sha256)."""
     seen: dict[str, tuple[str, str]] = {}
     for path, run in runs:
-        for name, corpus in (((run.get("provenance") or {}).get("corpora")) or {}).items():
+        for name, corpus in _corpora(run).items():
             digest = corpus.get("sha256") if isinstance(corpus, dict) else None
             if digest is None:
                 continue
@@ -118,18 +119,22 @@ def _same_corpus_files(runs: Sequence[tuple[str, dict]]) -> None:
                                  f"differs from {ref_path}; shards of one sweep must read the same corpus; {HINT}")
 
 
+def _corpora(run: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``provenance.corpora`` (empty when absent)."""
+    return (run.get("provenance") or {}).get("corpora") or {}
+
+
 def _merged_provenance(shards: Sequence[tuple[str, dict]]) -> dict[str, Any] | None:
     """The first shard's provenance, with each corpus taken from a shard that used it and the statistics layers
     the union over shards."""
     prov = shards[0][1].get("provenance")
     if not isinstance(prov, dict):
         return prov
-    prov = json.loads(json.dumps(prov))
+    prov = copy.deepcopy(prov)
     prov.get("seeds", {}).pop("torch_initial_seed", None)
     for name in list(prov.get("corpora") or {}):
-        used = [r["provenance"]["corpora"][name] for _, r in shards
-                if isinstance(((r.get("provenance") or {}).get("corpora") or {}).get(name), dict)
-                and r["provenance"]["corpora"][name].get("used", True) is not False]
+        used = [c for c in (_corpora(r).get(name) for _, r in shards)
+                if isinstance(c, dict) and c.get("used", True) is not False]
         if used:
             prov["corpora"][name] = dict(used[0])
             layers = sorted({int(x) for c in used for x in (c.get("layers") or [])})
