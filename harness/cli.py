@@ -254,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_UNUSABLE
+    from harness.specs import register_builtin_specs
+    register_builtin_specs()        # the protocol-owned metrics (WILD, sequential, ...) rank and compare here too
     try:
         return args.func(args)
     except (RunFileError, ValueError) as exc:   # DataError, ModelLoadError, HparamsError: one line

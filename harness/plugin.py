@@ -60,14 +60,8 @@ def pytest_configure(config: pytest.Config) -> None:
     for w in ignored_keys:                                      # shown in the warnings summary, once per key
         config.issue_config_time_warning(w.message, stacklevel=2)
     thresholds = Thresholds(**threshold_values(values))
-    from .metrics.registry import REGISTRY, MetricSpec
-    from .metrics import generation, knowedit, wild
-    import importlib
-    seq_protocol = importlib.import_module("harness.protocols.sequential")   # the package re-exports the function
-    for spec in (*wild.METRIC_SPECS, *generation.METRIC_SPECS, *knowedit.METRIC_SPECS, *seq_protocol.METRIC_SPECS):
-        if REGISTRY.get(spec["name"]) is None or not REGISTRY.get(spec["name"]).registered:
-            REGISTRY.register(MetricSpec(**spec))
-    config.hook.pytest_harness_register_metrics(registry=REGISTRY)
+    from .specs import register_builtin_specs
+    config.hook.pytest_harness_register_metrics(registry=register_builtin_specs())
     config.stash[_SESSION] = HarnessSession(options, thresholds)
     config.stash[_RUN] = BenchmarkRun(config={
         "editors": options.editors, "model": options.model, "dataset": options.dataset, "n_cases": options.n_cases,

@@ -67,7 +67,7 @@ PROTOCOLS: dict[str, str] = {
 }
 
 # For the metric registry (``harness.metrics.registry.MetricSpec`` keyword arguments; ``<name>_pre`` variants are the
-# registry's generic before-edit family). The registry is not on this branch yet: its owner registers these.
+# registry's generic before-edit family). Registered by ``harness.specs.register_builtin_specs`` (plugin and CLI).
 METRIC_SPECS: tuple[dict[str, Any], ...] = tuple(
     dict(name=name, protocol=PROTOCOLS[name], higher_is_better=True, aggregation="mean", unit="fraction",
          label=label, description=PROTOCOLS[name].split(": ", 1)[1])
