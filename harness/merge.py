@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .provenance import CORPUS_CONFIG
 from .run import BenchmarkRun
 
 # top-level fields that legitimately differ between the shards of one sweep (everything else must be equal)
@@ -30,7 +31,6 @@ SWEEP_FIELDS = (("sweep_id", "sweeps"), ("count", "shard counts"), ("collection_
 # it computed, how many perplexity tokens it scored, its torch seed), not how the sweep was configured: corpora are
 # compared by these fields (and their files' sha256 where read); the merged run keeps the union of the statistics
 # layers and each shard's torch seed in ``sweep.shards``
-CORPUS_CONFIG = ("spec", "tokens_requested", "texts_requested")
 HINT = "merge the shards of one sweep (the run JSONs of one `harness launch` or of one set of --shard I/N runs)"
 
 

@@ -163,6 +163,19 @@ def corpus_file(spec: str, data_dir: str | os.PathLike[str] | None) -> Path | No
     return Path(spec).expanduser()
 
 
+# what a run asked of a corpus (its configuration), as against what one process happened to use of it (tokens
+# scored, layers whose statistics it computed); with the file's sha256 where one was read, this says whether two
+# runs measured with the same corpus (``harness merge``, ``harness compare``)
+CORPUS_CONFIG = ("spec", "tokens_requested", "texts_requested")
+
+
+def corpus_setting(corpus: Any) -> dict[str, Any]:
+    """A ``provenance.corpora`` entry reduced to its configuration and its file's digest."""
+    if not isinstance(corpus, dict):
+        return {}
+    return {k: corpus.get(k) for k in (*CORPUS_CONFIG, "sha256") if corpus.get(k) is not None}
+
+
 def corpus_provenance(spec: str, data_dir: str | os.PathLike[str] | None, **used: Any) -> dict[str, Any]:
     """Spec, file and sha256 of a corpus, plus what was used of it (``texts=``, ``tokens=``, ...)."""
     path = corpus_file(spec, data_dir)

@@ -487,6 +487,7 @@ def test_compare_matches_records_by_case_not_by_position():
     (lambda r: r["model"].update(name="gpt2-xl"), "model differs"),
     (lambda r: r["model"].update(fingerprint="zzz"), "model weights differ"),
     (lambda r: r["config"]["thresholds"].update(collapse_ppl_ratio=1.5), "thresholds differ (collapse_ppl_ratio 2.0"),
+    (lambda r: r["provenance"]["corpora"]["perplexity"].update(spec="me-ppl-50"), "perplexity corpus differs"),
 ])
 def test_compare_refuses_runs_that_are_not_like_for_like(tmp_path, capsys, change, reason):
     base = make_run()
@@ -547,3 +548,16 @@ def test_load_runs_names_the_bad_file(tmp_path):
     with pytest.raises(RunFileError, match=r"missing\.json: no such file"):
         load_runs([good, tmp_path / "missing.json"])
     assert len(load_runs([good, good])) == 2
+
+
+def test_compare_says_but_does_not_refuse_another_statistics_corpus():
+    base = make_run()
+    other = copy.deepcopy(base)
+    other["provenance"]["corpora"]["statistics"].update(spec="model-samples", sha256=None, tokens_used=100000)
+    result = compare(base, other)
+    assert result.ok and not result.refused
+    assert any("key statistics corpus differs (spec builtin" in n and "spec model-samples" in n for n in result.notes)
+    used_only = copy.deepcopy(base)                              # what a process used is not a setting
+    used_only["provenance"]["corpora"]["statistics"]["tokens_used"] = 99999
+    used_only["provenance"]["corpora"]["perplexity"]["tokens"] = 999
+    assert not compare(base, used_only).notes and compare(base, used_only).ok

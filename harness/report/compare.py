@@ -1,8 +1,10 @@
 """Compare a run against a baseline run, case by case, and flag only regressions a CI can trust.
 
 1. **Like for like or refuse.** The two runs must share the model (name and weight fingerprint), the dataset
-   (resolved spec and the file's sha256) and the thresholds; otherwise :func:`compare` returns a refusal (one line,
+   (resolved spec and the file's sha256), the perplexity corpus (spec, texts asked for, the file's sha256) and the
+   thresholds; otherwise :func:`compare` returns a refusal (one line,
    ``harness compare`` exits 2) unless ``allow_different=True`` (``--allow-different``), which turns it into notes.
+   A different key-statistics corpus is a note, not a refusal: it is part of the editors' setting under test.
 2. **Paired.** Records are matched by (suite, editor, case id, test id); each metric is compared over the cases
    both runs have, as the metric registry aggregates it (mean for scores, median for phase timings).
 3. **Beyond tolerance and significant.** A metric regresses when the paired change of its aggregate (current -
@@ -37,6 +39,7 @@ from harness.metrics.registry import (
     record_value,
     to_number,
 )
+from harness.provenance import corpus_setting
 from harness.report import (
     dataset_of,
     editor_of,
@@ -149,6 +152,9 @@ def differences(baseline: dict, run: dict) -> list[str]:
         out.append(f"dataset differs ({bd.get('spec')!r} vs {rd.get('spec')!r})")
     elif bd.get("sha256") and rd.get("sha256") and bd["sha256"] != rd["sha256"]:
         out.append(f"dataset file differs (sha256 {bd['sha256'][:12]} vs {rd['sha256'][:12]})")
+    b_ppl, r_ppl = (corpus_setting(_corpora(r).get("perplexity")) for r in (baseline, run))
+    if b_ppl and r_ppl and b_ppl != r_ppl:       # perplexities of different texts: their ratios do not compare
+        out.append(f"perplexity corpus differs ({_describe(b_ppl)} vs {_describe(r_ppl)})")
     bt, rt = thresholds_of(baseline), thresholds_of(run)
     changed = sorted(k for k in set(bt) | set(rt) if bt.get(k) != rt.get(k) and k in bt and k in rt)
     if changed:
@@ -172,6 +178,25 @@ def _by_case(run: dict) -> dict[tuple[str, str], dict[CaseKey, dict]]:
     return groups
 
 
+def _corpora(run: dict) -> dict:
+    prov = run.get("provenance")
+    return (prov.get("corpora") or {}) if isinstance(prov, dict) else {}
+
+
+def _describe(setting: dict) -> str:
+    return ", ".join(f"{k} {str(v)[:12] if k == 'sha256' else v}" for k, v in setting.items())
+
+
+def setting_notes(baseline: dict, run: dict) -> list[str]:
+    """Differences that are part of what is being compared (the editors' setting), said but not refused: the key
+    statistics corpus changes the editors' updates, as a hyper-parameter does."""
+    b, r = (corpus_setting(_corpora(x).get("statistics")) for x in (baseline, run))
+    if b and r and b != r:
+        return [f"key statistics corpus differs ({_describe(b)} vs {_describe(r)}): "
+                "the editors' updates differ by construction"]
+    return []
+
+
 def compare(baseline: dict, run: dict, tolerances: dict | None = None, *, allow_different: bool = False
             ) -> CompareResult:
     """Compare ``run`` against ``baseline`` case by case (module docstring)."""
@@ -179,7 +204,8 @@ def compare(baseline: dict, run: dict, tolerances: dict | None = None, *, allow_
     diffs = differences(baseline, run)
     if diffs and not allow_different:
         return CompareResult([], refused="; ".join(diffs) + " (pass --allow-different to compare anyway)")
-    result = CompareResult([], notes=[f"{d} (compared anyway: --allow-different)" for d in diffs])
+    result = CompareResult([], notes=[f"{d} (compared anyway: --allow-different)" for d in diffs]
+                           + setting_notes(baseline, run))
     base_groups, cur_groups = _by_case(baseline), _by_case(run)
     not_compared: set[str] = set()
     for (suite, editor), base_cases in base_groups.items():
