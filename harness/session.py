@@ -101,13 +101,17 @@ class HarnessSession:
         overrides = [f"pool={pool}", *self.options.hparams]
         mapping = self.hparams_file(name)
         if mapping is None:
-            return build_editor(name, self.lm, overrides, stats=self.stats)
-        from .editors import registry
-        from .editors.base import parse_hparam_overrides
-        cls = registry.get(name)
-        hp = mapping.build(cls, self.lm.adapter.family, n_layers=self.lm.n_layers,
-                           overrides=parse_hparam_overrides(overrides, cls))
-        return cls(hp, stats=self.stats)
+            editor = build_editor(name, self.lm, overrides, stats=self.stats)
+        else:
+            from .editors import registry
+            from .editors.base import parse_hparam_overrides
+            cls = registry.get(name)
+            hp = mapping.build(cls, self.lm.adapter.family, n_layers=self.lm.n_layers,
+                               overrides=parse_hparam_overrides(overrides, cls))
+            editor = cls(hp, stats=self.stats)
+        if hasattr(editor, "value_batch"):      # editors that batch their v* optimisations (the MEMIT family)
+            editor.value_batch = self.options.vstar_batch
+        return editor
 
     def hparams_file(self, name: str):
         """What editor ``name``'s ``--hparams-file`` became for the loaded model (None without one). Its module
