@@ -25,6 +25,8 @@ from harness.editors.common import ValueOpt, optimize_value, optimize_values
 
 from .conftest import TINY_HPARAMS, make_stats
 
+pytest_plugins = ["pytester"]
+
 REL = 1e-4
 REL_ERASE = 1e-2
 TEMPLATES = ["{}", "The weather today. {}", " I went to the market and bought apples, then came home. {}"]
@@ -165,3 +167,133 @@ def test_a_single_case_is_the_single_computation(tiny_lm, builtin_cases):
     single = optimize_value(lm, cases[0], name, TEMPLATES, opt)
     assert torch.equal(one[0], single[0]) and torch.equal(one[1], single[1]) and one[2] == single[2]
     assert common.optimize_value.__doc__ and "optimize_values" in common.optimize_value.__doc__
+
+
+# --- v* ahead: the next single edits' v* in one batch (--vstar-batch, ValuesAhead) ---------------------------
+def _single_edits(lm, editor, cases, ahead_of=None):
+    """Each case edited alone from the unedited model through ``edited`` (as the single-edit protocol does), the
+    editor told the cases that follow (``ahead_of``: how many, None: nothing ahead): per case (weight change, info,
+    "edit" seconds on a clock that advances one second at every reading)."""
+    from harness.editing import edited
+    from harness.timing import PhaseTimer
+
+    out = []
+    ticks = iter(range(10**6))
+    clock = lambda: float(next(ticks))  # noqa: E731 - a clock that advances one second at every reading
+    for i, case in enumerate(cases):
+        timer = PhaseTimer("cpu", clock=clock)
+        if ahead_of:
+            editor.ahead.batch = ahead_of
+            editor.ahead.expect(cases[i:], timer.clock)
+        names = editor.edited_parameters(lm)
+        before = {n: lm.model.get_parameter(n).detach().clone() for n in names}
+        with edited(lm, editor, [case], timer) as edit:
+            change = {n: lm.model.get_parameter(n).detach() - w for n, w in before.items()}
+        out.append((change, dict(edit.info), timer.seconds["edit"]))
+    return out
+
+
+@pytest.mark.parametrize("name", ["rome", "memit"])
+def test_single_edits_with_v_ahead_equal_one_at_a_time(tiny_lm, builtin_cases, name, tmp_path):
+    """Four single edits, each from the unedited model: with the v* of all four optimised at the first edit
+    (``--vstar-batch 4``) every edit writes what it writes alone, within the tolerance above; each record says the
+    batch size and its share of the batch's seconds, which sum to the batch's cost."""
+    stats = make_stats(tiny_lm, tmp_path)
+    cases = _cases(builtin_cases)
+    editor = build_editor(name, tiny_lm, TINY_HPARAMS[name], stats=stats)
+    alone = _single_edits(tiny_lm, editor, cases)
+    ahead = _single_edits(tiny_lm, editor, cases, ahead_of=4)
+    for (ca, ia, _), (cb, ib, _) in zip(alone, ahead, strict=True):
+        assert ib["v_steps"] == ia["v_steps"]
+        assert ia.get("v_batch", 1) == 1 and ib["v_batch"] == 4
+        for p in ca:
+            assert (cb[p] - ca[p]).norm() <= REL * ca[p].norm()
+    # the batch's cost, 1 s on this clock (two readings around it), is shared: 0.25 s to each of the four records;
+    # the first edit's phase read the clock 4 times (3 s), of which the batch's 1 s is replaced by its share
+    assert [ib["v_batch_share_s"] for _, ib, _ in ahead] == [0.25] * 4
+    assert [t for _, _, t in ahead] == [2.25, 1.25, 1.25, 1.25]
+    assert [t for _, _, t in alone] == [1.0] * 4
+
+
+def test_v_ahead_is_dropped_when_the_model_changed(tiny_llama, builtin_cases, tmp_path):
+    """A held v* is used only on the model it was computed on: after a write to any parameter (here one the editor
+    does not edit) or an edit left in place, the next edit computes its v* afresh, alone, on the model as it is."""
+    from harness.editing import edited
+
+    lm, cases = tiny_llama, _cases(builtin_cases)
+    editor = build_editor("rome", lm, TINY_HPARAMS["rome"], stats=make_stats(lm, tmp_path))
+    editor.ahead.batch = 4
+    editor.ahead.expect(cases)
+    with edited(lm, editor, cases[:1]) as first:
+        pass
+    assert first.info["v_batch"] == 4
+    emb = lm.model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb.add_(0.0)                                       # the same values, but written: not trusted
+    with edited(lm, editor, cases[1:2]) as second:
+        pass
+    assert "v_batch" not in second.info                     # computed alone, nothing ahead was expected
+    fresh = optimize_value(lm, cases[2], lm.adapter.mlp_name(1), editor.context_templates(lm),
+                           editor.hparams.value_opt())
+    editor.ahead.expect(cases[2:])
+    kept = editor.apply(lm, cases[2:3])                     # an edit left in place: the held v* of case 4 is stale
+    try:
+        assert editor.ahead.settle()[2] == 2                # cases 3 and 4 together, on the model as it is now
+        assert abs(kept.info["delta_norm"] - fresh[2]["delta_norm"]) <= REL * fresh[2]["delta_norm"]
+        later = editor.apply(lm, cases[3:4])
+        later.restore()
+        assert editor.ahead.settle() is None and later.info["v_steps"] >= 1
+    finally:
+        kept.restore()
+
+
+def test_the_session_plans_single_edits_in_run_order(builtin_cases):
+    from harness.options import options_from, read_values  # noqa: F401
+    from harness.session import HarnessSession
+
+    s = HarnessSession.__new__(HarnessSession)
+    s._single_plan, s._single_cursor = {}, {}
+    c = builtin_cases[:5]
+    s.plan_single_edits([("rome", c[0]), ("memit", c[0]), ("rome", c[1]), ("rome", c[2]), ("rome", c[0]),
+                         ("rome", c[3])])
+    assert s.next_single_edits("rome", c[0], 2) == [c[1], c[2]]
+    assert s.next_single_edits("rome", c[1], 3) == [c[2], c[0], c[3]]
+    assert s.next_single_edits("rome", c[0], 3) == [c[3]]           # the later edit of c[0] (another suite)
+    assert s.next_single_edits("rome", c[4], 3) == [] and s.next_single_edits("ft", c[0], 3) == []
+    assert s.next_single_edits("memit", c[0], 3) == []
+
+
+def _suite_records(pytester, model_dir, *extra):
+    import json
+    from pathlib import Path
+
+    suites = Path(__file__).resolve().parents[1] / "suites"
+    reports = pytester.path / f"reports{len(list(pytester.path.glob('reports*')))}"
+    result = pytester.runpytest_subprocess(
+        str(suites / "test_single_edit.py"), "--model", str(model_dir), "--device", "cpu",
+        "--cache-dir", str(pytester.path / "cache"), "--report-dir", str(reports), "--stats-tokens", "2000",
+        "--ppl-texts", "8", "--cases", "4", "-p", "no:cacheprovider", "--editor", "rome", "--editor", "memit",
+        "--hparam", "rome.layer=1", "--hparam", "memit.layers=[1,2]", "--hparam", "v_num_grad_steps=6",
+        "--hparam", "context_template_length_params=[[3,2]]", "--no-wild", "--no-fluency",
+        "--min-efficacy", "0", "--collapse-ratio", "1e6", *extra)
+    result.assert_outcomes(passed=8)
+    return {(r["editor"], r["case_id"]): r for r in json.loads((reports / "latest.json").read_text())["records"]}
+
+
+def test_single_edit_suite_with_vstar_batch_equals_one_at_a_time(pytester, tiny_model_dir):
+    """The single-edit suite through the plugin, ROME and MEMIT on 4 cases: with ``--vstar-batch 4`` every record's
+    metrics equal those of ``--vstar-batch 1`` within float rounding, and its info names the batch and its share."""
+    one = _suite_records(pytester, tiny_model_dir, "--vstar-batch", "1")
+    four = _suite_records(pytester, tiny_model_dir, "--vstar-batch", "4")
+    assert one.keys() == four.keys() and len(one) == 8
+    for key, r1 in one.items():
+        r4 = four[key]
+        assert r1["metrics"].keys() == r4["metrics"].keys()
+        for m, a in r1["metrics"].items():
+            b = r4["metrics"][m]
+            if isinstance(a, float):
+                assert abs(a - b) <= 1e-3 * abs(a) + 1e-6, (key, m, a, b)
+            else:
+                assert a == b, (key, m)
+        assert r1["info"].get("v_batch", 1) == 1 and r4["info"]["v_batch"] == 4, key
+        assert r4["info"]["v_batch_share_s"] > 0 and "edit" in r4["timings"]

@@ -7,8 +7,10 @@ k* to a value v* that makes the model say the new target.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from ..data.case import EditCase
 from ..data.corpus import sample_continuations
 from ..models.loading import LoadedModel
+from ..models.snapshot import param_digest
 from ..models.partial import block_input, layers_from, stop_after, supports_layers_from
 from ..tokens import encode_target, pad_batch  # noqa: F401 - encode_target re-exported for editors
 
@@ -500,3 +503,72 @@ def optimize_values(lm: LoadedModel, cases: Sequence[EditCase], module_name: str
             info["most_probable"] = most_probable[b]
         out.append(((v_init[b] + delta[b]).detach(), v_init[b].detach().clone(), info))
     return out
+
+
+class ValuesAhead:
+    """The owner of target values optimised ahead of their edits (``--vstar-batch K`` in the single-edit suites),
+    held by the editor. When the run says (``expect``) that after the edit of case c_1 it will edit c_2 .. c_K, each
+    alone and from the model as it is now (single edits, each restored before the next), the v* of all K are
+    optimised in one batch (``optimize_values``) at c_1's edit, and each later case's edit takes its own.
+
+    A held value is used only for the same case, module, context templates and settings, and only while the model is
+    bit-identical to the one it was computed on: every parameter but the editor's own edited ones not written since
+    (same storage, same version counter), and those (which a restore writes back) of the same SHA-256 digest.
+    Anything else drops what is held and computes afresh, alone or with the cases expected next.
+
+    Timing: the batch's cost (``clock``, the caller's timer clock) is shared equally by its cases. ``settle()``
+    after each edit says what to move: (this case's share, the seconds the batch took inside this edit, batch size).
+    """
+
+    def __init__(self, batch: int = 1) -> None:
+        self.batch = batch                              # K; 1: nothing ahead, every v* alone
+        self.clock: Callable[[], float] = time.perf_counter
+        self._expected: list[EditCase] = []
+        self._held: dict[str, tuple] = {}               # case id -> (case, key, model state, result, share, K)
+        self._settle: tuple[float, float, int] | None = None
+
+    def expect(self, cases: Sequence[EditCase], clock: Callable[[], float] | None = None) -> None:
+        """The next single edits from the model as it is: ``cases[0]`` now, then the others in order."""
+        self._expected = list(cases)
+        if clock is not None:
+            self.clock = clock
+
+    def settle(self) -> tuple[float, float, int] | None:
+        """After an edit: (share of a batch's seconds this edit's case owes, seconds of that batch spent inside this
+        edit, batch size), or None when its v* was not part of a batch; then forgotten."""
+        out, self._settle = self._settle, None
+        return out
+
+    @staticmethod
+    def _state(lm: LoadedModel, edited: Sequence[str]) -> tuple:
+        params = [(n, p.data_ptr(), p._version) for n, p in lm.model.named_parameters() if n not in edited]
+        return id(lm.model), params, param_digest(lm.model, list(edited))
+
+    def value(self, lm: LoadedModel, case: EditCase, module_name: str, templates: Sequence[str], opt: ValueOpt,
+              edited: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``optimize_value(lm, case, ...)``, from what is held when valid, else computed now together with the
+        cases expected after ``case`` (up to ``batch`` in all). ``edited``: the parameters the editor writes."""
+        key = (module_name, tuple(templates), dataclasses.astuple(opt))
+        expected, self._expected = self._expected, []
+        held = self._held.pop(case.case_id, None)
+        if held is not None and held[0] == case and held[1] == key and held[2] == self._state(lm, edited):
+            self._settle = (held[4], 0.0, held[5])
+            return held[3]
+        self._held.clear()
+        batch = [case]
+        if self.batch > 1 and expected and expected[0] == case:
+            batch += [c for c in expected[1:self.batch] if c.case_id not in {b.case_id for b in batch}]
+        if len(batch) == 1:
+            return optimize_values(lm, batch, module_name, templates, opt)[0]
+        state = self._state(lm, edited)
+        sync = torch.cuda.synchronize if torch.device(lm.device).type == "cuda" else (lambda: None)
+        sync()
+        t0 = self.clock()
+        results = optimize_values(lm, batch, module_name, templates, opt)
+        sync()
+        cost = self.clock() - t0
+        share = cost / len(batch)
+        for c, r in zip(batch[1:], results[1:]):
+            self._held[c.case_id] = (c, key, state, r, share, len(batch))
+        self._settle = (share, cost, len(batch))
+        return results[0]
