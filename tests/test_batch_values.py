@@ -16,6 +16,7 @@ same number of steps and the same stop decisions."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def _stop_threshold(traces, margin=5e-4):
     losses move little, so no fixed threshold does), at least ``margin`` away from every loss on the way."""
     best, best_key = None, None
     values = sorted({x for tr in traces for x in tr})
-    for lo, hi in zip(values, values[1:]):
+    for lo, hi in itertools.pairwise(values):
         thr = (lo + hi) / 2
         if hi - lo < 2 * margin:
             continue
@@ -124,6 +125,22 @@ def test_a_stopped_case_is_not_moved_again(tiny_lm, builtin_cases, monkeypatch):
         assert torch.allclose(seen[-1][b] if info["v_steps"] <= len(seen) else final, final, rtol=0, atol=1e-6)
 
 
+def test_batched_values_from_the_edit_layer_equal_the_full_pass(tiny_lm, builtin_cases, monkeypatch):
+    """The batch runs from the edited layer on (``layers_from``), also after stopped cases left it: bit-identical
+    to the full pass that families without ``layers_from`` take."""
+    lm, cases = tiny_lm, _cases(builtin_cases)
+    name = lm.adapter.mlp_name(1)
+    free = ValueOpt(steps=12, lr=0.01, kl_factor=0.0, weight_decay=0.0, early_stop_loss=0.0)
+    thr, distinct = _stop_threshold([optimize_value(lm, c, name, TEMPLATES, free)[2]["v_loss"] for c in cases])
+    opt = dataclasses.replace(free, early_stop_loss=thr)
+    fast = optimize_values(lm, cases, name, TEMPLATES, opt)
+    monkeypatch.setattr(common, "supports_layers_from", lambda model, adapter: False)
+    slow = optimize_values(lm, cases, name, TEMPLATES, opt)
+    assert distinct >= 2
+    for (vf, i_f, inf_f), (vs, i_s, inf_s) in zip(fast, slow, strict=True):
+        assert torch.equal(vf, vs) and torch.equal(i_f, i_s) and inf_f == inf_s
+
+
 def test_no_cases_and_unknown_objectives(tiny_lm, builtin_cases):
     assert optimize_values(tiny_lm, [], tiny_lm.adapter.mlp_name(1), TEMPLATES, ValueOpt()) == []
     bad = dataclasses.replace(builtin_cases[0], objective="nonsense")
@@ -179,7 +196,10 @@ def _single_edits(lm, editor, cases, ahead_of=None):
 
     out = []
     ticks = iter(range(10**6))
-    clock = lambda: float(next(ticks))  # noqa: E731 - a clock that advances one second at every reading
+
+    def clock():                        # advances one second at every reading
+        return float(next(ticks))
+
     for i, case in enumerate(cases):
         timer = PhaseTimer("cpu", clock=clock)
         if ahead_of:

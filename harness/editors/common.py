@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from ..data.case import EditCase
 from ..data.corpus import sample_continuations
 from ..models.loading import LoadedModel
-from ..models.snapshot import param_digest
 from ..models.partial import block_input, layers_from, stop_after, supports_layers_from
+from ..models.snapshot import param_digest
 from ..tokens import encode_target, pad_batch  # noqa: F401 - encode_target re-exported for editors
 
 
@@ -285,7 +285,12 @@ def _drop_suffix(cache, n: int, prefix_len: int) -> None:
 
 def optimize_value(lm: LoadedModel, case: EditCase, module_name: str, templates: Sequence[str],
                    opt: ValueOpt) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """v* for one case: ``optimize_values([case], ...)[0]`` (bit-identical to optimising it alone, which it is).
+    """v* = v + delta, where delta [d] added to ``module_name``'s output at the subject's last token makes the
+    model predict ``target_new`` after every context template, while a KL term keeps the model's view of the
+    subject ("{subject} is a") unchanged and weight decay keeps delta small (ROME section 3.1, eq. 4).
+
+    ``optimize_values([case], ...)[0]``: the one implementation, which optimises several independent cases in one
+    batch; for one case it is the computation this function always did, bit for bit.
 
     Returns (v* [d], v_init [d] at the bare prompt, diagnostics)."""
     return optimize_values(lm, [case], module_name, templates, opt)[0]
