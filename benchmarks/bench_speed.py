@@ -118,6 +118,8 @@ def one_case(h, editor, case, protocols, tag: str = "") -> dict:
     with timed_v_star(timer_ref), timer.phase("cycle"):
         m = protocols.single_edit(h, editor, case, timer)
     if m.info.get("v_batch", 1) > 1:         # v* from a batch (--vstar-batch): its share, as the edit phase counts
+        spent = timer.seconds.get("v_star", 0.0)          # the whole batch in the edit that ran it, else nothing
+        timer.seconds["cycle"] += m.info["v_batch_share_s"] - spent
         timer.seconds["v_star"] = m.info["v_batch_share_s"]
     row = {"case_id": case.case_id, "subject": case.subject,
            **{k: round(timer.seconds.get(k, 0.0), 3) for k in PHASES},
