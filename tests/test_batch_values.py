@@ -325,3 +325,23 @@ def test_single_edit_suite_with_vstar_batch_equals_one_at_a_time(pytester, tiny_
                 assert a == b, (key, m)
         assert r1["info"].get("v_batch", 1) == 1 and r4["info"]["v_batch"] == 4, key
         assert r4["info"]["v_batch_share_s"] > 0 and "edit" in r4["timings"]
+
+
+def test_the_plugin_plans_the_single_edit_hardedit_and_locality_tests(builtin_cases):
+    """What the plugin hands the session after collection: (editor, case) of the tests that each edit one case from
+    the unedited model, in run order; sequential and other suites' tests are not single edits."""
+    from types import SimpleNamespace
+
+    from harness.plugin import _single_edits
+
+    def item(suite, **params):
+        marker = SimpleNamespace(args=(suite,))
+        return SimpleNamespace(get_closest_marker=lambda name: marker if name == "suite" else None,
+                               callspec=SimpleNamespace(params=params))
+
+    a, b = builtin_cases[:2]
+    items = [item("single_edit", editor_name="rome", case=a), item("sequential", editor_name="rome"),
+             item("hardedit", editor_name="rome", case=b), item("hardedit", editor_name="rome"),
+             item("locality", editor_name="memit", case=a), item("wild", editor_name="rome", case=a),
+             item("editing_problems", editor_name="rome", case=a, problem="erase")]
+    assert _single_edits(items) == [("rome", a), ("rome", b), ("memit", a)]
