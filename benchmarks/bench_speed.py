@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import platform
 import statistics
@@ -150,23 +151,31 @@ def ab(h, editor, cases, protocols) -> None:
 
 
 def vstar_ab(h, editor, cases, k: int) -> None:
-    """--vstar K: per block of K cases, their v* one at a time (``optimize_value``) and then in one batch
-    (``optimize_values``), alternating in this process; CPU seconds per case and the largest difference of the
+    """--vstar K: per block of K cases, their v* one at a time (``optimize_value``) and in one batch
+    (``optimize_values``), alternating which goes first block by block, in this process (after an untimed warm-up); CPU seconds per case and the largest difference of the
     results (v* relative, v_init relative, steps)."""
     from harness.editors.common import optimize_value, optimize_values
     lm, hp = h.lm, editor.hparams
     module = (lm.adapter.mlp_name(hp.layer) if hasattr(hp, "layer") else lm.adapter.layer_name(hp.layers[-1]))
     templates, opt = editor.context_templates(lm), hp.value_opt()
+    optimize_value(lm, cases[0], module, templates, dataclasses.replace(opt, steps=2))   # warm-up, untimed
     alone_s, batch_s, rel_v, rel_init, same_steps = [], [], [], [], True
+
+    def timed(f):
+        t0 = time.process_time()
+        out = f()
+        return out, time.process_time() - t0
+
     for s in range(0, len(cases), k):
         block = cases[s:s + k]
-        t0 = time.process_time()
-        alone = [optimize_value(lm, c, module, templates, opt) for c in block]
-        t1 = time.process_time()
-        batched = optimize_values(lm, block, module, templates, opt)
-        t2 = time.process_time()
-        alone_s.append((t1 - t0) / len(block))
-        batch_s.append((t2 - t1) / len(block))
+        one_by_one = lambda: [optimize_value(lm, c, module, templates, opt) for c in block]  # noqa: E731
+        together = lambda: optimize_values(lm, block, module, templates, opt)                # noqa: E731
+        if (s // k) % 2 == 0:                # alternate which goes first, block by block
+            (alone, ta), (batched, tb) = timed(one_by_one), timed(together)
+        else:
+            (batched, tb), (alone, ta) = timed(together), timed(one_by_one)
+        alone_s.append(ta / len(block))
+        batch_s.append(tb / len(block))
         for (va, ia, infa), (vb, ib, infb) in zip(alone, batched):
             rel_v.append(((vb - va).norm() / va.norm()).item())
             rel_init.append(((ib - ia).norm() / ia.norm()).item())
