@@ -190,16 +190,16 @@ def vstar_ab(h, editor, cases, k: int) -> None:
 
 
 def cycle_ab(h, editor, cases, k: int, protocols) -> None:
-    """--vstar K --cycle: the whole single-edit cycle per case with v* one at a time, then for the same cases with
-    the v* of each block of K optimised ahead at its first edit (``--vstar-batch K``), alternating by block."""
+    """--vstar K --cycle: the whole single-edit cycle per case with the v* of each block of K optimised ahead at its
+    first edit (``--vstar-batch K``), then for the same cases with v* one at a time, block by block."""
     h.plan_single_edits([(editor.name, c) for c in cases] * 2)
     one, ahead = [], []
     for s in range(0, len(cases), k):
         block = cases[s:s + k]
-        editor.ahead.batch = 1
+        editor.ahead.batch = k           # batched first: the session's one-off work of a first edit (the perplexity
+        ahead += [one_case(h, editor, c, protocols, f"ahead, K={k}    ") for c in block]   # texts' lower blocks)
+        editor.ahead.batch = 1           # falls on the batched side
         one += [one_case(h, editor, c, protocols, "one at a time ") for c in block]
-        editor.ahead.batch = k
-        ahead += [one_case(h, editor, c, protocols, f"ahead, K={k}    ") for c in block]
     editor.ahead.batch = 1
     print(f"\nCPU seconds per case (mean of {len(cases)}), one thread, v* one at a time and batched {k} ahead, "
           "alternating by block in one process")
