@@ -521,7 +521,9 @@ class ValuesAhead:
     A held value is used only for the same case, module, context templates and settings, and only while the model is
     bit-identical to the one it was computed on: every parameter but the editor's own edited ones not written since
     (same storage, same version counter), and those (which a restore writes back) of the same SHA-256 digest.
-    Anything else drops what is held and computes afresh, alone or with the cases expected next.
+    Anything else drops what is held and computes afresh, alone or with the cases expected next. (A write through
+    ``.data`` bumps no version counter and would not be seen; the harness writes parameters in place, as
+    ``editing.structure`` also assumes.)
 
     Timing: the batch's cost (``clock``, the caller's timer clock) is shared equally by its cases. ``settle()``
     after each edit says what to move: (this case's share, the seconds the batch took inside this edit, batch size).
