@@ -112,9 +112,9 @@ class HarnessSession:
                                overrides=parse_hparam_overrides(overrides, cls))
             editor = cls(hp, stats=self.stats)
         k = self.options.vstar_batch
-        if k is not None and hasattr(editor, "value_batch"):   # a MEMIT-family edit of several cases, in chunks
+        if hasattr(editor, "value_batch"):      # a MEMIT-family edit of several cases: its z in chunks of k
             editor.value_batch = k
-        if k is not None and hasattr(editor, "ahead"):         # single edits: the next k cases' v* together
+        if hasattr(editor, "ahead"):            # single edits: the next k cases' v* together
             editor.ahead.batch = k
         return editor
 

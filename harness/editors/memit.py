@@ -83,12 +83,12 @@ class MEMIT(Editor):
     Hparams = MemitHparams
     supports_batch = True
 
-    def __init__(self, hparams: MemitHparams, *, stats=None, value_batch: int = 8):
+    def __init__(self, hparams: MemitHparams, *, stats=None, value_batch: int = 1):
         super().__init__(hparams, stats=stats)
         self.context_templates = ContextTemplates(hparams)   # context_templates(lm) -> the model's templates
-        # edits whose z are optimised in one batched pass (``optimize_values``; 1: one at a time). A setting of the
-        # computation, not of the method (the z agree within float rounding), so not a hyper-parameter: the
-        # session sets it from ``--vstar-batch``
+        # edits whose z are optimised in one batched pass (``optimize_values``; 1: one at a time, slower batched on
+        # CPU at one thread, docs/speed.md). A setting of the computation, not of the method (the z agree within
+        # float rounding), so not a hyper-parameter: the session sets it from ``--vstar-batch``
         self.value_batch = value_batch
         self.ahead = ValuesAhead()   # z of the next single edits in one batch (``--vstar-batch``; off by default)
 
