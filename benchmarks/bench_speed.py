@@ -15,6 +15,12 @@ and against the previous run of this script (read from, then written to, ``--jso
 the largest difference of each result (ES, PS, NS, perplexity ratio, update norm) from the previous run's, so a
 change of results shows next to a change of speed.
 
+``--vstar K`` times the v* of blocks of K cases one at a time and batched (``optimize_values``), alternating in one
+process, and compares the results; ``--vstar K --cycle`` the whole cycle with v* one at a time against K ahead
+(``--vstar-batch K``):
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_speed.py --data-dir ../shared/data --cases 4 --vstar 4
+
 ``--ab`` runs, per case, the unoptimised cycle (the code paths as before issue 14, ``unoptimised``) and then the
 optimised one in the same process, alternating, and prints both with their ratio and the largest result
 difference: on a shared machine this ratio is far steadier than two separate runs.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import platform
 import statistics
@@ -58,24 +65,25 @@ def git_commit() -> str:
 
 @contextlib.contextmanager
 def timed_v_star(timer_ref: list):
-    """Time every v* optimisation (``common.optimize_value`` as the editors call it) into the current timer."""
+    """Time every v* optimisation (``common.optimize_values``, through which ``optimize_value`` and the editors'
+    ``ValuesAhead`` go) into the current timer."""
     from harness.editors import common
     modules = [m for m in list(sys.modules.values())
-               if getattr(m, "__name__", "").startswith("harness.editors.") and getattr(m, "optimize_value", None)
-               is common.optimize_value]
-    original = common.optimize_value
+               if getattr(m, "__name__", "").startswith("harness.editors") and getattr(m, "optimize_values", None)
+               is common.optimize_values]
+    original = common.optimize_values
 
     def wrapped(*a, **k):
         with timer_ref[0].phase("v_star"):
             return original(*a, **k)
 
     for m in modules:
-        m.optimize_value = wrapped
+        m.optimize_values = wrapped
     try:
         yield
     finally:
         for m in modules:
-            m.optimize_value = original
+            m.optimize_values = original
 
 
 @contextlib.contextmanager
@@ -110,6 +118,10 @@ def one_case(h, editor, case, protocols, tag: str = "") -> dict:
     timer = timer_ref[0]
     with timed_v_star(timer_ref), timer.phase("cycle"):
         m = protocols.single_edit(h, editor, case, timer)
+    if m.info.get("v_batch", 1) > 1:         # v* from a batch (--vstar-batch): its share, as the edit phase counts
+        spent = timer.seconds.get("v_star", 0.0)          # the whole batch in the edit that ran it, else nothing
+        timer.seconds["cycle"] += m.info["v_batch_share_s"] - spent
+        timer.seconds["v_star"] = m.info["v_batch_share_s"]
     row = {"case_id": case.case_id, "subject": case.subject,
            **{k: round(timer.seconds.get(k, 0.0), 3) for k in PHASES},
            **{k: m.metrics.get(k, m.info.get(k)) for k in RESULTS}}
@@ -138,6 +150,68 @@ def ab(h, editor, cases, protocols) -> None:
     print(f"peak RSS of the process (both paths): {peak_rss_mb():.0f} MB")
 
 
+def vstar_ab(h, editor, cases, k: int) -> None:
+    """--vstar K: per block of K cases, their v* one at a time (``optimize_value``) and in one batch
+    (``optimize_values``), alternating which goes first block by block, in this process (after an untimed warm-up); CPU seconds per case and the largest difference of the
+    results (v* relative, v_init relative, steps)."""
+    from harness.editors.common import optimize_value, optimize_values
+    lm, hp = h.lm, editor.hparams
+    module = (lm.adapter.mlp_name(hp.layer) if hasattr(hp, "layer") else lm.adapter.layer_name(hp.layers[-1]))
+    templates, opt = editor.context_templates(lm), hp.value_opt()
+    optimize_value(lm, cases[0], module, templates, dataclasses.replace(opt, steps=2))   # warm-up, untimed
+    alone_s, batch_s, rel_v, rel_init, same_steps = [], [], [], [], True
+
+    def timed(f):
+        t0 = time.process_time()
+        out = f()
+        return out, time.process_time() - t0
+
+    for s in range(0, len(cases), k):
+        block = cases[s:s + k]
+        one_by_one = lambda: [optimize_value(lm, c, module, templates, opt) for c in block]  # noqa: E731
+        together = lambda: optimize_values(lm, block, module, templates, opt)                # noqa: E731
+        if (s // k) % 2 == 0:                # alternate which goes first, block by block
+            (alone, ta), (batched, tb) = timed(one_by_one), timed(together)
+        else:
+            (batched, tb), (alone, ta) = timed(together), timed(one_by_one)
+        alone_s.append(ta / len(block))
+        batch_s.append(tb / len(block))
+        for (va, ia, infa), (vb, ib, infb) in zip(alone, batched):
+            rel_v.append(((vb - va).norm() / va.norm()).item())
+            rel_init.append(((ib - ia).norm() / ia.norm()).item())
+            same_steps &= infa["v_steps"] == infb["v_steps"]
+        print(f"  block of {len(block)}: one at a time {alone_s[-1]:.2f}, batched {batch_s[-1]:.2f} CPU-s per case; "
+              f"steps {[i['v_steps'] for _, _, i in alone]} / {[i['v_steps'] for _, _, i in batched]}", flush=True)
+    a, b = statistics.fmean(alone_s), statistics.fmean(batch_s)
+    print(f"\nv* CPU seconds per case (mean of {len(alone_s)} block(s) of up to {k}), one thread, alternating in one "
+          f"process: one at a time {a:.2f}, batched {b:.2f}, ratio {ratio(a, b)}")
+    print(f"results, batched against one at a time: v* within {max(rel_v):.2g} relative, v_init within "
+          f"{max(rel_init):.2g}, the same steps: {same_steps}")
+
+
+def cycle_ab(h, editor, cases, k: int, protocols) -> None:
+    """--vstar K --cycle: the whole single-edit cycle per case with the v* of each block of K optimised ahead at its
+    first edit (``--vstar-batch K``), then for the same cases with v* one at a time, block by block."""
+    h.plan_single_edits([(editor.name, c) for c in cases] * 2)
+    one, ahead = [], []
+    for s in range(0, len(cases), k):
+        block = cases[s:s + k]
+        editor.ahead.batch = k           # batched first: the session's one-off work of a first edit (the perplexity
+        ahead += [one_case(h, editor, c, protocols, f"ahead, K={k}    ") for c in block]   # texts' lower blocks)
+        editor.ahead.batch = 1           # falls on the batched side
+        one += [one_case(h, editor, c, protocols, "one at a time ") for c in block]
+    editor.ahead.batch = 1
+    print(f"\nCPU seconds per case (mean of {len(cases)}), one thread, v* one at a time and batched {k} ahead, "
+          "alternating by block in one process")
+    print("| phase | one at a time | batched | one at a time / batched |")
+    print("|---|---|---|---|")
+    for name in PHASES:
+        a, b = statistics.fmean(r[name] for r in one), statistics.fmean(r[name] for r in ahead)
+        print(f"| {name} | {a:.2f} | {b:.2f} | {ratio(a, b)} |")
+    print("largest absolute difference per case, batched against one at a time: " + ", ".join(
+        f"{name} {max(abs(a[name] - b[name]) for a, b in zip(one, ahead)):.3g}" for name in RESULTS))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=5)
@@ -154,6 +228,11 @@ def main() -> None:
     ap.add_argument("--ab", action="store_true",
                     help="per case, the unoptimised cycle (as before issue 14) and then the optimised one, in this "
                          "process: prints both and their ratio, checks equal results; --json is not written")
+    ap.add_argument("--vstar", type=int, default=None, metavar="K",
+                    help="v* of blocks of K cases one at a time and then batched (optimize_values), alternating in "
+                         "this process: CPU-s per case and result differences; --json is not written")
+    ap.add_argument("--cycle", action="store_true",
+                    help="with --vstar K: the whole single-edit cycle, v* one at a time against K ahead")
     ap.add_argument("--generation", action="store_true",
                     help="also the suite's WILD and fluency generations (off: the reference's cycle has none)")
     args = ap.parse_args()
@@ -178,6 +257,10 @@ def main() -> None:
           f"{len(cases)} cases of {h.dataset_name()}, {args.editor} {' '.join(hparams)}; once per session: "
           + ", ".join(f"{k} {v:.1f}" for k, v in once.seconds.items()) + " CPU-s", flush=True)
 
+    if args.vstar and args.cycle:
+        return cycle_ab(h, editor, cases, args.vstar, protocols)
+    if args.vstar:
+        return vstar_ab(h, editor, cases, args.vstar)
     per_case = [] if args.ab else [one_case(h, editor, case, protocols) for case in cases]
 
     if args.ab:

@@ -54,6 +54,14 @@ def adds_instead_of_writing(editor: Editor) -> bool:
     return type(editor).apply is not Editor.apply
 
 
+def share_v(timer: PhaseTimer, edit: Edit, share: float, spent: float, size: int) -> None:
+    """An edit whose v* came from a batch of ``size`` cases optimised together (``--vstar-batch``): its "edit" time
+    counts its share of the batch's seconds, not what the batch took inside it (``spent``: all of it for the edit
+    that ran the batch, none for the others), and the record says so."""
+    timer.seconds["edit"] = timer.seconds.get("edit", 0.0) - spent + share
+    edit.info.update(v_batch=size, v_batch_share_s=share)
+
+
 @contextlib.contextmanager
 def edited(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], timer: PhaseTimer | None = None
            ) -> Iterator[Edit]:
@@ -63,8 +71,13 @@ def edited(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], timer: Ph
     with unchanged(lm, checked_parameters(lm, editor), editor.name, hooks=adds_instead_of_writing(editor)):
         edit = None
         try:
+            ahead = getattr(editor, "ahead", None)       # v* optimised ahead in batches (``ValuesAhead``)
+            if ahead is not None:
+                ahead.settle()                          # nothing left over from an edit that failed
             with timer.phase("edit"):
                 edit = editor.apply(lm, cases)
+            if ahead is not None and (batch := ahead.settle()) is not None:
+                share_v(timer, edit, *batch)
             yield edit
         finally:
             with timer.phase("restore"):

@@ -291,6 +291,10 @@ OPTIONS: tuple[Opt, ...] = (
     # sequential and HardEdit suites
     Opt("seq_edits", integer(1), 10, "sequential suite: number of edits", type=int),
     Opt("batch_size", integer(1), 1, "sequential suite: edits per editor call (MEMIT, ...)", type=int),
+    Opt("vstar_batch", integer(1), 1, "target values (v*, z) of up to K cases optimised in one batched pass: "
+        "a MEMIT-family edit of several cases in chunks of K, and in the single-edit, HardEdit and locality suites "
+        "the next K single edits' v* at the first one's unedited model (1, the default: one case at a time; slower "
+        "on CPU at one thread, docs/speed.md; results equal within float rounding)", metavar="K", type=int),
     Opt("ppl_schedule", ppl_schedule, "every", "sequential suite: perplexity after every, every:K or geometric "
         "edit counts", type=str),
     Opt("resume", bool, False, "sequential suite: continue an interrupted run from its journal in "

@@ -107,6 +107,24 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     error = harness._load_error if harness is not None else None
     if error is not None:
         pytest.exit(f"the model could not be loaded: {error}", returncode=pytest.ExitCode.USAGE_ERROR)
+    if harness is not None and _xdist_worker(session.config) is None:
+        harness.plan_single_edits(_single_edits(session.items))
+
+
+# suites whose (editor, case) tests each make one edit of their case from the unedited model
+_SINGLE_EDIT_SUITES = ("single_edit", "hardedit", "locality")
+
+
+def _single_edits(items: list[pytest.Item]) -> list[tuple[str, Any]]:
+    """(editor name, case) of the selected tests that edit one case from the unedited model, in run order: what an
+    editor may optimise ahead with ``--vstar-batch`` (under xdist the order of a worker's tests is not known)."""
+    out = []
+    for item in items:
+        marker = item.get_closest_marker("suite")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if marker and marker.args[0] in _SINGLE_EDIT_SUITES and "editor_name" in params and "case" in params:
+            out.append((params["editor_name"], params["case"]))
+    return out
 
 
 def _parametrize(metafunc: pytest.Metafunc, session: HarnessSession) -> None:

@@ -50,6 +50,8 @@ class HarnessSession:
         self._generation_pre: dict[tuple[str, str], Any] = {}  # fluency / consistency of the unedited model per case
         self._tfidf = None              # consistency: the TF-IDF vectorizer (CounterFact texts), fit once
         self._ppl_below: dict[int, Any] = {}   # perplexity after a layer-L edit: blocks below L, once per session
+        self._single_plan: dict[str, list[EditCase]] = {}   # editor -> its planned single edits, in run order
+        self._single_cursor: dict[str, int] = {}             # editor -> where its next planned edit is looked for
 
     # --- the model and what is derived from it -------------------------------------------------------------
     @property
@@ -101,13 +103,41 @@ class HarnessSession:
         overrides = [f"pool={pool}", *self.options.hparams]
         mapping = self.hparams_file(name)
         if mapping is None:
-            return build_editor(name, self.lm, overrides, stats=self.stats)
-        from .editors import registry
-        from .editors.base import parse_hparam_overrides
-        cls = registry.get(name)
-        hp = mapping.build(cls, self.lm.adapter.family, n_layers=self.lm.n_layers,
-                           overrides=parse_hparam_overrides(overrides, cls))
-        return cls(hp, stats=self.stats)
+            editor = build_editor(name, self.lm, overrides, stats=self.stats)
+        else:
+            from .editors import registry
+            from .editors.base import parse_hparam_overrides
+            cls = registry.get(name)
+            hp = mapping.build(cls, self.lm.adapter.family, n_layers=self.lm.n_layers,
+                               overrides=parse_hparam_overrides(overrides, cls))
+            editor = cls(hp, stats=self.stats)
+        k = self.options.vstar_batch
+        if hasattr(editor, "value_batch"):      # a MEMIT-family edit of several cases: its z in chunks of k
+            editor.value_batch = k
+        if hasattr(editor, "ahead"):            # single edits: the next k cases' v* together
+            editor.ahead.batch = k
+        return editor
+
+    # --- single edits planned ahead (``--vstar-batch``) -------------------------------------------------------
+    def plan_single_edits(self, order: list[tuple[str, EditCase]]) -> None:
+        """The single edits this process will run, in order, each from the unedited model: (editor name, case) of
+        the single-edit, HardEdit and locality tests after collection (the plugin's; none under xdist, where the
+        order is not known). An editor's v* of the next ones may then be optimised together (``ValuesAhead``)."""
+        self._single_plan = {}
+        for name, case in order:
+            self._single_plan.setdefault(name, []).append(case)
+        self._single_cursor = {}
+
+    def next_single_edits(self, editor_name: str, case: EditCase, k: int) -> list[EditCase]:
+        """The ``k`` single edits planned for ``editor_name`` after this one of ``case`` (found at or after the
+        last one asked for; [] when ``case`` is not in the plan)."""
+        plan = self._single_plan.get(editor_name, [])
+        start = self._single_cursor.get(editor_name, 0)
+        at = next((i for i in range(start, len(plan)) if plan[i] == case), None)
+        if at is None:
+            return []
+        self._single_cursor[editor_name] = at + 1
+        return plan[at + 1:at + 1 + k]
 
     def hparams_file(self, name: str):
         """What editor ``name``'s ``--hparams-file`` became for the loaded model (None without one). Its module

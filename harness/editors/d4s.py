@@ -16,7 +16,7 @@ D4S turns sequential editing into that batch edit with O(1) memory: per edit lay
 
 and every edit re-solves the layer from the original weights W_0 (not from the current, already edited ones):
 
-    z_i   [d, n_i]     target hidden states at the last edit layer (``optimize_value``, as MEMIT), optimised on the
+    z_i   [d, n_i]     target hidden states at the last edit layer (``optimize_values``, as MEMIT), optimised on the
                        model with the edit layers at W_0
     R_i   [d, n_i]     z_i - h_i(W_0): the residual at the last edit layer relative to W_0, computed once per edit
     for each layer l in L = [l_1 .. l_last], in order:

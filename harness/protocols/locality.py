@@ -12,7 +12,7 @@ from ..metrics.knowedit import grouped_locality, locality_outputs
 from ..metrics.wild import PROTOCOLS as WILD
 from ..metrics.wild import case_generations, case_metrics
 from .base import Measurement
-from .single import counterfact
+from .single import counterfact, expect_ahead
 
 if TYPE_CHECKING:
     from ..data.case import EditCase
@@ -41,6 +41,7 @@ def locality(session: HarnessSession, editor: Editor, case: EditCase, timer: Pha
     if session.options.wild:
         with timer.phase("wild"):
             wild_pre = session.wild_reference(case)
+    expect_ahead(session, editor, case, timer)
     with edited(lm, editor, [case], timer) as edit:
         with timer.phase("evaluate"):
             cf_post = counterfact(session, case, edit) if has_cf else {}

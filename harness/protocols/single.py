@@ -23,6 +23,14 @@ def counterfact(session: HarnessSession, case: EditCase, edit: Edit | None = Non
     return counterfact_metrics(session.lm.model, session.lm.tokenizer, case, prefix=edit.prompt_prefix if edit else "")
 
 
+def expect_ahead(session: HarnessSession, editor: Editor, case: EditCase, timer: PhaseTimer) -> None:
+    """Tell an editor that optimises v* ahead (``--vstar-batch K``, ``ValuesAhead``) which single edits, each from
+    the unedited model, follow this one of ``case`` in the run: the next K - 1 of the session's plan."""
+    ahead = getattr(editor, "ahead", None)
+    if ahead is not None and ahead.batch > 1:
+        ahead.expect([case, *session.next_single_edits(editor.name, case, ahead.batch - 1)], timer.clock)
+
+
 def single_edit(session: HarnessSession, editor: Editor, case: EditCase, timer: PhaseTimer) -> Measurement:
     """CounterFact scores before (``*_pre``) and after the edit, perplexity before (once per session) and after,
     their ratio; with ``--wild`` the WILD scores, with ``--fluency`` generation fluency and consistency before and
@@ -31,6 +39,7 @@ def single_edit(session: HarnessSession, editor: Editor, case: EditCase, timer: 
     with timer.phase("evaluate"):
         pre = counterfact(session, case)
     gen_pre = before(session, case, timer, wild=session.options.wild, fluency=session.options.fluency)
+    expect_ahead(session, editor, case, timer)
     with edited(session.lm, editor, [case], timer) as edit:
         with timer.phase("evaluate"):
             post = counterfact(session, case, edit)
