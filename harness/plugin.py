@@ -51,6 +51,8 @@ def pytest_configure(config: pytest.Config) -> None:
     worker = _xdist_worker(config)
     if worker is not None:
         _pin_worker_device(worker)
+    else:
+        _stop_gracefully_on_sigterm(config)
     values = read_values(config)              # every bad value is a usage error here, before anything loads
     options = options_from(values, progress=config.getoption("capture") == "no" or not os.environ.get("CI"))
     validate_names(options)
@@ -77,6 +79,32 @@ def pytest_configure(config: pytest.Config) -> None:
             except RunFileError as e:
                 raise pytest.UsageError(f"--baseline: {e}") from None
         config.pluginmanager.register(RunCollector(config, config.stash[_RUN], baseline), "harness-run-collector")
+
+
+_PREVIOUS_SIGTERM = pytest.StashKey[Any]()
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+
+def _stop_gracefully_on_sigterm(config: pytest.Config) -> None:
+    """SIGTERM (a cluster preempting the job, ``kill``, a CI timeout) stops the session as Ctrl-C does: pytest
+    finishes the session and the run JSON keeps every record already made. Only in the main process's main thread,
+    and only over the default action (a launcher's own handler is left alone)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        config.stash[_PREVIOUS_SIGTERM] = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    previous = config.stash.get(_PREVIOUS_SIGTERM, None)
+    if previous is not None:
+        import signal
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _pin_worker_device(worker: dict) -> None:

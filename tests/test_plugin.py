@@ -117,3 +117,17 @@ def test_baseline_gates_the_session(pytester, tiny_model_dir):
     result = _run(pytester, tiny_model_dir, *common, "--baseline", str(pytester.path / "missing.json"))
     assert result.ret == 4
     result.stderr.fnmatch_lines(["*--baseline: *missing.json*"])
+
+
+def test_sigterm_stops_the_session_and_keeps_the_records_made(pytester, tiny_model_dir):
+    """A preempted or killed run (SIGTERM) ends as Ctrl-C does: the run JSON holds the tests already run."""
+    pytester.makepyfile(term_after_first="""
+        import os, signal
+        def pytest_runtest_logfinish(nodeid, location):
+            os.kill(os.getpid(), signal.SIGTERM)
+    """)
+    result = _run(pytester, tiny_model_dir, "--editor", "rome", "--editor", "ft", "--min-efficacy", "0",
+                  "--collapse-ratio", "1e6", "-p", "term_after_first")
+    assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
+    run = json.loads((pytester.path / "reports" / "latest.json").read_text())
+    assert len(run["records"]) == 1 and run["records"][0]["outcome"] == "passed"
