@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from harness.data.case import EditCase
 from harness.editors import build_editor
-from harness.editors.common import add_at_positions, prompts_in_templates, subject_last_index
+from harness.editors.common import add_to_subjects, prompts_in_templates, subject_last_index
 from harness.editors.memit import hidden_at_subjects
 from harness.models import param_digest
 from harness.tokens import encode_target
@@ -103,7 +103,7 @@ def test_mpes_stops_at_the_most_probable_point(tiny_lm):
     for prompt in prompts_in_templates(case, encore.context_templates(tiny_lm)):
         ids = torch.tensor([tiny_lm.tokenizer(prompt.format(case.subject)).input_ids])
         col = subject_last_index(tiny_lm.tokenizer, prompt, case.subject)
-        with torch.no_grad(), add_at_positions(module, delta, torch.tensor([0]), torch.tensor([col])):
+        with torch.no_grad(), add_to_subjects(module, delta[None], 1, torch.tensor([0]), torch.tensor([col])):
             logits = tiny_lm.model(input_ids=ids).logits[0, -1]
         assert int(logits.argmax()) == target
 

@@ -57,27 +57,6 @@ def capture_io(module: torch.nn.Module) -> Iterator[dict]:
         handle.remove()
 
 
-@contextlib.contextmanager
-def add_at_positions(module: torch.nn.Module, delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
-    """Add ``delta`` [d] to ``module``'s output at (row, col) positions; ``info["init"]`` keeps the first
-    clean output vector there (v at the unprefixed prompt)."""
-    info: dict = {}
-
-    def hook(_m, _inputs, output):
-        out = _first(output)
-        if "init" not in info:
-            info["init"] = out[rows[0], cols[0]].detach().clone()
-        out = out.clone()
-        out[rows, cols] = out[rows, cols] + delta.to(out.dtype)
-        return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield info
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def module_io_at(lm: LoadedModel, module_name: str, texts: Sequence[str], positions: Sequence[int],
                  batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
