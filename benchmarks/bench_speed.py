@@ -112,6 +112,18 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def print_ab(what: str, name_a: str, rows_a: list[dict], name_b: str, rows_b: list[dict]) -> None:
+    """The phase table (mean CPU-s per case, a / b) and the largest per-case result difference of two paths."""
+    print(f"\nCPU seconds per case (mean), one thread, {what}")
+    print(f"| phase | {name_a} | {name_b} | {name_a} / {name_b} |")
+    print("|---|---|---|---|")
+    for k in PHASES:
+        a, b = statistics.fmean(r[k] for r in rows_a), statistics.fmean(r[k] for r in rows_b)
+        print(f"| {k} | {a:.2f} | {b:.2f} | {ratio(a, b)} |")
+    print(f"largest absolute difference per case, {name_a} against {name_b}: " + ", ".join(
+        f"{k} {max(abs(a[k] - b[k]) for a, b in zip(rows_a, rows_b)):.3g}" for k in RESULTS))
+
+
 def one_case(h, editor, case, protocols, tag: str = "") -> dict:
     """One single-edit cycle, timed phase by phase in CPU seconds; the row printed and returned."""
     timer_ref = [cpu_timer()]
@@ -138,15 +150,8 @@ def ab(h, editor, cases, protocols) -> None:
         with unoptimised():
             slow.append(one_case(h, editor, case, protocols, "unoptimised "))
         fast.append(one_case(h, editor, case, protocols, "optimised   "))
-    print(f"\nCPU seconds per case (mean of {len(cases)}), one thread, unoptimised and optimised alternating in one "
-          "process")
-    print("| phase | unoptimised | optimised | unoptimised / optimised |")
-    print("|---|---|---|---|")
-    for k in PHASES:
-        a, b = statistics.fmean(r[k] for r in slow), statistics.fmean(r[k] for r in fast)
-        print(f"| {k} | {a:.2f} | {b:.2f} | {ratio(a, b)} |")
-    print("largest absolute difference per case, unoptimised against optimised: " + ", ".join(
-        f"{k} {max(abs(a[k] - b[k]) for a, b in zip(slow, fast)):.3g}" for k in RESULTS))
+    print_ab(f"unoptimised and optimised alternating in one process ({len(cases)} cases)",
+             "unoptimised", slow, "optimised", fast)
     print(f"peak RSS of the process (both paths): {peak_rss_mb():.0f} MB")
 
 
@@ -201,15 +206,8 @@ def cycle_ab(h, editor, cases, k: int, protocols) -> None:
         editor.ahead.batch = 1           # falls on the batched side
         one += [one_case(h, editor, c, protocols, "one at a time ") for c in block]
     editor.ahead.batch = 1
-    print(f"\nCPU seconds per case (mean of {len(cases)}), one thread, v* one at a time and batched {k} ahead, "
-          "alternating by block in one process")
-    print("| phase | one at a time | batched | one at a time / batched |")
-    print("|---|---|---|---|")
-    for name in PHASES:
-        a, b = statistics.fmean(r[name] for r in one), statistics.fmean(r[name] for r in ahead)
-        print(f"| {name} | {a:.2f} | {b:.2f} | {ratio(a, b)} |")
-    print("largest absolute difference per case, batched against one at a time: " + ", ".join(
-        f"{name} {max(abs(a[name] - b[name]) for a, b in zip(one, ahead)):.3g}" for name in RESULTS))
+    print_ab(f"v* one at a time and batched {k} ahead, alternating by block in one process ({len(cases)} cases)",
+             "one at a time", one, "batched", ahead)
 
 
 def main() -> None:
