@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .provenance import CORPUS_CONFIG
+from .provenance import CORPUS_CONFIG, run_corpora
 from .run import BenchmarkRun
 
 # top-level fields that legitimately differ between the shards of one sweep (everything else must be equal)
@@ -109,7 +109,7 @@ def _same_corpus_files(runs: Sequence[tuple[str, dict]]) -> None:
     """Shards that read a corpus file must have read the same file (sha256)."""
     seen: dict[str, tuple[str, str]] = {}
     for path, run in runs:
-        for name, corpus in _corpora(run).items():
+        for name, corpus in run_corpora(run).items():
             digest = corpus.get("sha256") if isinstance(corpus, dict) else None
             if digest is None:
                 continue
@@ -117,11 +117,6 @@ def _same_corpus_files(runs: Sequence[tuple[str, dict]]) -> None:
             if digest != ref_digest:
                 raise MergeError(f"{path}: provenance.corpora.{name}.sha256 ({digest[:12]} vs {ref_digest[:12]}) "
                                  f"differs from {ref_path}; shards of one sweep must read the same corpus; {HINT}")
-
-
-def _corpora(run: dict[str, Any]) -> dict[str, Any]:
-    """A run's ``provenance.corpora`` (empty when absent)."""
-    return (run.get("provenance") or {}).get("corpora") or {}
 
 
 def _merged_provenance(shards: Sequence[tuple[str, dict]]) -> dict[str, Any] | None:
@@ -133,7 +128,7 @@ def _merged_provenance(shards: Sequence[tuple[str, dict]]) -> dict[str, Any] | N
     prov = copy.deepcopy(prov)
     prov.get("seeds", {}).pop("torch_initial_seed", None)
     for name in list(prov.get("corpora") or {}):
-        used = [c for c in (_corpora(r).get(name) for _, r in shards)
+        used = [c for c in (run_corpora(r).get(name) for _, r in shards)
                 if isinstance(c, dict) and c.get("used", True) is not False]
         if used:
             prov["corpora"][name] = dict(used[0])

@@ -169,6 +169,12 @@ def corpus_file(spec: str, data_dir: str | os.PathLike[str] | None) -> Path | No
 CORPUS_CONFIG = ("spec", "tokens_requested", "texts_requested")
 
 
+def run_corpora(run: dict[str, Any]) -> dict[str, Any]:
+    """A run JSON's ``provenance.corpora`` (empty when absent)."""
+    prov = run.get("provenance")
+    return (prov.get("corpora") or {}) if isinstance(prov, dict) else {}
+
+
 def corpus_setting(corpus: Any) -> dict[str, Any]:
     """A ``provenance.corpora`` entry reduced to its configuration and its file's digest."""
     if not isinstance(corpus, dict):

@@ -39,7 +39,7 @@ from harness.metrics.registry import (
     record_value,
     to_number,
 )
-from harness.provenance import corpus_setting
+from harness.provenance import corpus_setting, run_corpora
 from harness.report import (
     dataset_of,
     editor_of,
@@ -152,7 +152,7 @@ def differences(baseline: dict, run: dict) -> list[str]:
         out.append(f"dataset differs ({bd.get('spec')!r} vs {rd.get('spec')!r})")
     elif bd.get("sha256") and rd.get("sha256") and bd["sha256"] != rd["sha256"]:
         out.append(f"dataset file differs (sha256 {bd['sha256'][:12]} vs {rd['sha256'][:12]})")
-    b_ppl, r_ppl = (corpus_setting(_corpora(r).get("perplexity")) for r in (baseline, run))
+    b_ppl, r_ppl = (corpus_setting(run_corpora(r).get("perplexity")) for r in (baseline, run))
     if b_ppl and r_ppl and b_ppl != r_ppl:       # perplexities of different texts: their ratios do not compare
         out.append(f"perplexity corpus differs ({_describe(b_ppl)} vs {_describe(r_ppl)})")
     bt, rt = thresholds_of(baseline), thresholds_of(run)
@@ -178,11 +178,6 @@ def _by_case(run: dict) -> dict[tuple[str, str], dict[CaseKey, dict]]:
     return groups
 
 
-def _corpora(run: dict) -> dict:
-    prov = run.get("provenance")
-    return (prov.get("corpora") or {}) if isinstance(prov, dict) else {}
-
-
 def _describe(setting: dict) -> str:
     return ", ".join(f"{k} {str(v)[:12] if k == 'sha256' else v}" for k, v in setting.items())
 
@@ -190,7 +185,7 @@ def _describe(setting: dict) -> str:
 def setting_notes(baseline: dict, run: dict) -> list[str]:
     """Differences that are part of what is being compared (the editors' setting), said but not refused: the key
     statistics corpus changes the editors' updates, as a hyper-parameter does."""
-    b, r = (corpus_setting(_corpora(x).get("statistics")) for x in (baseline, run))
+    b, r = (corpus_setting(run_corpora(x).get("statistics")) for x in (baseline, run))
     if b and r and b != r:
         return [f"key statistics corpus differs ({_describe(b)} vs {_describe(r)}): "
                 "the editors' updates differ by construction"]
