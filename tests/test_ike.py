@@ -26,17 +26,24 @@ def test_weights_never_change_and_the_prefix_is_in_every_scored_input(tiny_lm, b
     assert prefix.count("New Fact:") == 4 + 1                              # k demonstrations + the new fact
 
     prefix_ids = tiny_lm.tokenizer(prefix).input_ids
-    rows = []
+    calls = []                       # (positions already cached, token rows of this forward pass)
 
     def keep_inputs(_module, _args, kwargs):
-        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        rows.extend(r[m.bool()].tolist() for r, m in zip(ids, mask))
+        ids, past = kwargs["input_ids"], kwargs.get("past_key_values")
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask[:, -ids.shape[1]:]
+        calls.append((past.get_seq_length() if past is not None else 0,
+                      [r[m.bool()].tolist() for r, m in zip(ids, mask)]))
 
     handle = tiny_lm.model.base_model.register_forward_pre_hook(keep_inputs, with_kwargs=True)
     try:
         counterfact_metrics(tiny_lm.model, tiny_lm.tokenizer, case, prefix=prefix)
     finally:
         handle.remove()
+    # the prefix's tokens run once (the first pass, one row); every scored row continues its cached keys
+    (n0, (shared,)), rest = calls[0], calls[1:]
+    assert n0 == 0 and all(n == len(shared) for n, _ in rest)
+    rows = [shared + r for _, rs in rest for r in rs]
     n_prompts = 1 + len(case.paraphrase_prompts) + len(case.neighborhood_prompts)
     assert len(rows) == 2 * n_prompts                                      # new and true target for each prompt
     # byte-level BPE may merge the prefix's last token with the prompt's first: compare all but that token

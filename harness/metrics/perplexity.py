@@ -8,7 +8,9 @@ Also "token-weighted": exp(total NLL / total predicted tokens). Full-vocabulary 
 
 With a ``prefix`` (an in-context editor's demonstrations and new facts, e.g. IKE), each text is scored after the
 prefix: the prefix's tokens are context only, and the predicted tokens are the same as without it (the text's
-second token on), so the numbers compare with the unprefixed model's ("me-ppl after the prompt prefix").
+second token on), so the numbers compare with the unprefixed model's ("me-ppl after the prompt prefix"). The prefix
+is run once and its keys and values reused by every batch (``SharedPrefix``; ``reuse_prefix=False`` runs it with
+every text): the same perplexities up to float rounding (tests/test_prefix_cache.py).
 
 Speed: texts are batched by length under a budget of ``max_tokens_per_batch`` padded positions (512: on ME-PPL_50
 one batch of 50 x 55 positions held 2,750 positions for 1,352 tokens; batches of 512 hold 1,602). With ``below``
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from ..models.partial import BelowLayer
 from ..tokens import pad_batch, token_budget_batches
+from .prefix import SharedPrefix
 
 PROTOCOLS = {"ppl": "me-ppl (mean of per-sentence perplexity)", "ppl_token": "token-weighted perplexity"}
 PREFIXED = ("each text after the in-context editor's prompt prefix (prefix tokens are context, not scored; the "
@@ -42,7 +45,8 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(model, tok, texts: Sequence[str], *, max_tokens_per_batch: int = 512, max_len: int = 1024,
-               chunk: int = 1024, prefix: str = "", below: BelowLayer | None = None) -> PerplexityResult:
+               chunk: int = 1024, prefix: str = "", below: BelowLayer | None = None,
+               reuse_prefix: bool = True) -> PerplexityResult:
     head, body = model.get_output_embeddings(), model.base_model
     device = next(model.parameters()).device
     encoded = [tok(t).input_ids[:max_len] for t in texts]
@@ -52,10 +56,16 @@ def perplexity(model, tok, texts: Sequence[str], *, max_tokens_per_batch: int = 
     if not order:
         raise ValueError("perplexity needs texts of at least two tokens")
     nll_sum = [0.0] * len(encoded)
-    for batch in token_budget_batches([P + len(encoded[i]) for i in order], max_tokens_per_batch):
+    shared = SharedPrefix(body, p_ids, device) if P and reuse_prefix else None
+    if shared is not None:                       # the prefix's keys and values are reused: batches hold the texts only
+        p_ids, P = [], 0
+    for batch in token_budget_batches([P + len(encoded[i]) for i in order], max_tokens_per_batch,
+                                      max_batch=shared.max_rows() if shared else None):
         idx = [order[b] for b in batch]          # similar lengths together (sorted): little padding
         ids, mask = pad_batch([p_ids + encoded[i] for i in idx], tok.pad_token_id, device=device)
-        if below is not None and not prefix:
+        if shared is not None:
+            hidden = shared.hidden(body, ids, mask)                                 # [b, T, d]
+        elif below is not None and not prefix:
             hidden = below.run(tuple(idx), ids, mask)                               # [b, T, d]
         else:
             hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state    # [b, P + T, d]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tokens import check_context, encode_target, pad_batch, token_budget_batches
+from .prefix import SharedPrefix, common_prefix
 
 
 @dataclass
@@ -29,7 +30,7 @@ def _head_and_body(model):
 
 @torch.no_grad()
 def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], *, prefix: str = "",
-                  batch_size: int = 64, max_tokens: int = 256) -> list[TargetScore]:
+                  batch_size: int = 64, max_tokens: int = 256, reuse_prefix: bool = True) -> list[TargetScore]:
     """Score ``targets[i]`` after ``prefix + prompts[i]`` in batched forward passes.
 
     Prompt and target are tokenised separately and concatenated (the target with a leading space), so the target's
@@ -37,7 +38,11 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], *,
     ``batch_size`` rows and ``max_tokens`` padded tokens; a sequence beyond the model's context raises PromptTooLong.
     The small token budget is for speed: sequences of similar length share a batch, so little is padding (a
     CounterFact case's 46 sequences: one batch of 546 padded positions for 282 tokens, or two of 366 in all);
-    batch composition changes the scores only by float rounding (tests/test_speed.py)."""
+    batch composition changes the scores only by float rounding (tests/test_speed.py).
+
+    With a ``prefix`` (an in-context editor's), the token prefix every sequence shares is run once and its keys and
+    values reused (``SharedPrefix``; ``reuse_prefix=False`` runs every sequence whole): the same scores up to float
+    rounding (tests/test_prefix_cache.py), the prefix's cost paid once per call instead of once per sequence."""
     assert len(prompts) == len(targets)
     head, body = _head_and_body(model)
     device = next(model.parameters()).device
@@ -49,16 +54,23 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], *,
         seqs.append(p_ids + t_ids)
         spans.append((len(p_ids), len(t_ids)))
     out: list[TargetScore | None] = [None] * len(seqs)
-    for idx in token_budget_batches([len(s) for s in seqs], max_tokens, max_batch=batch_size):
-        ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id)
+    # the shared token prefix, run once: it must end before every sequence's first predicting position
+    c = min(common_prefix(seqs, tok(prefix).input_ids), *(s - 1 for s, _ in spans)) if prefix and reuse_prefix else 0
+    shared = SharedPrefix(body, seqs[0][:c], device) if c > 0 else None
+    for idx in token_budget_batches([len(s) - c for s in seqs], max_tokens,
+                                    max_batch=min(batch_size, shared.max_rows()) if shared else batch_size):
+        ids, mask = pad_batch([seqs[i][c:] for i in idx], tok.pad_token_id)
         rows, cols, gold = [], [], []
         for r, i in enumerate(idx):
             start, n = spans[i]
             for j in range(n):
                 rows.append(r)
-                cols.append(start - 1 + j)       # the position that predicts target token j
+                cols.append(start - 1 + j - c)   # the position that predicts target token j
                 gold.append(seqs[i][start + j])
-        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        if shared is not None:
+            hidden = shared.hidden(body, ids.to(device), mask.to(device))
+        else:
+            hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         logits = head(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
         gold_t = torch.tensor(gold, device=device)
         nll = F.cross_entropy(logits, gold_t, reduction="none")
