@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .tokens import encode_target, pad_batch, token_budget_batches
+from .metrics.prefix import SharedPrefix, common_prefix
 from .metrics.scoring import score_targets
 from .models.snapshot import param_digest
 
@@ -69,13 +70,15 @@ def final_hidden(model, tok, texts: Sequence[str], *, prefix_ids: Sequence[int] 
     order = sorted((i for i in range(len(encoded)) if len(encoded[i]) >= 2), key=lambda i: len(encoded[i]))
     if not order:
         raise ValueError("distribution drift needs texts of at least two tokens")
-    P = len(prefix_ids)
-    for batch in token_budget_batches([P + len(encoded[i]) for i in order], max_tokens_per_batch):
+    shared = SharedPrefix(body, prefix_ids, device) if prefix_ids else None    # the prefix runs once
+    for batch in token_budget_batches([len(encoded[i]) for i in order], max_tokens_per_batch,
+                                      max_batch=shared.max_rows() if shared else None):
         idx = [order[b] for b in batch]
-        ids, mask = pad_batch([list(prefix_ids) + encoded[i] for i in idx], tok.pad_token_id, device=device)
-        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state                      # [b, T, d]
+        ids, mask = pad_batch([encoded[i] for i in idx], tok.pad_token_id, device=device)
+        hidden = (shared.hidden(body, ids, mask) if shared is not None
+                  else body(input_ids=ids, attention_mask=mask).last_hidden_state)             # [b, T, d]
         for r, i in enumerate(idx):
-            out[i] = hidden[r, P:P + len(encoded[i]) - 1].float()                               # [T_i - 1, d]
+            out[i] = hidden[r, :len(encoded[i]) - 1].float()                                   # [T_i - 1, d]
     keep = [i for i in range(len(texts)) if out[i] is not None]
     return [encoded[i] for i in keep], [out[i] for i in keep]  # type: ignore[misc]
 
@@ -131,12 +134,17 @@ def answer_argmax(model, tok, pairs: Sequence[tuple[str, str]], *, prefix: str =
     answer's token ids (answer with a leading space, as in ``score_targets``)."""
     head, body = model.get_output_embeddings(), model.base_model
     device = next(model.parameters()).device
+    seqs = [(tok(prefix + q).input_ids, encode_target(tok, a)) for q, a in pairs]
+    # an in-context editor's prefix: its longest token prefix common to every question runs once (SharedPrefix)
+    c = min(common_prefix([q for q, _ in seqs], tok(prefix).input_ids), *(len(q) - 1 for q, _ in seqs)) \
+        if prefix and seqs else 0
+    shared = SharedPrefix(body, seqs[0][0][:c], device) if c > 0 else None
     out = []
-    for q, a in pairs:   # a handful per case: one forward each keeps this simple
-        q_ids, a_ids = tok(prefix + q).input_ids, encode_target(tok, a)
-        ids = torch.tensor([q_ids + a_ids], device=device)
-        hidden = body(input_ids=ids).last_hidden_state[0]                                     # [T, d]
-        pos = torch.arange(len(q_ids) - 1, len(q_ids) - 1 + len(a_ids), device=device)       # predict a_ids[j]
+    for q_ids, a_ids in seqs:   # a handful per case: one forward each keeps this simple
+        ids = torch.tensor([(q_ids + a_ids)[c:]], device=device)
+        hidden = (shared.hidden(body, ids, torch.ones_like(ids)) if shared is not None
+                  else body(input_ids=ids).last_hidden_state)[0]                              # [T - c, d]
+        pos = torch.arange(len(q_ids) - 1 - c, len(q_ids) - 1 - c + len(a_ids), device=device)  # predict a_ids[j]
         out.append((head(hidden[pos]).argmax(-1).tolist(), a_ids))
     return out
 

@@ -79,3 +79,28 @@ def test_perplexity_after_a_shared_prefix_equals_the_whole_pass(tiny_lm):
     assert fast.n_tokens == full.n_tokens
     assert fast.per_text == pytest.approx(full.per_text, rel=1e-5)
     assert fast.mean_ppl == pytest.approx(full.mean_ppl, rel=1e-5)
+
+
+def test_locality_reads_after_a_shared_prefix_equal_the_whole_pass(tiny_lm):
+    """The locality suite's teacher-forced argmax and final hidden states (KL drift) after an in-context prefix."""
+    import torch
+
+    from harness.locality import answer_argmax, final_hidden
+    from harness.tokens import encode_target
+
+    model, tok = tiny_lm.model, tiny_lm.tokenizer
+    body, head = model.base_model, model.get_output_embeddings()
+    pairs = [("The capital of France is", "Paris"), ("Toronto is located in", "Canada")]
+    for (q, a), (got, a_ids) in zip(pairs, answer_argmax(model, tok, pairs, prefix=PREFIX)):
+        q_ids = tok(PREFIX + q).input_ids
+        with torch.no_grad():
+            hidden = body(input_ids=torch.tensor([q_ids + a_ids])).last_hidden_state[0]
+        assert a_ids == encode_target(tok, a)
+        assert got == head(hidden[len(q_ids) - 1:len(q_ids) - 1 + len(a_ids)]).argmax(-1).tolist()
+    texts = load_texts("builtin")[:3]
+    p_ids = tok(PREFIX).input_ids
+    ids, hidden = final_hidden(model, tok, texts, prefix_ids=p_ids, max_len=60)
+    for t_ids, h in zip(ids, hidden):
+        with torch.no_grad():
+            full = body(input_ids=torch.tensor([p_ids + t_ids])).last_hidden_state[0, len(p_ids):-1]
+        torch.testing.assert_close(h, full, rtol=1e-4, atol=1e-5)

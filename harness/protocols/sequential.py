@@ -56,6 +56,7 @@ def sequential(session: HarnessSession, editor: Editor, cases: Sequence[EditCase
     protocols = dict(PROTOCOLS)
     if run.prompt_prefix:            # an in-context editor: every score and perplexity after its growing prefix
         protocols["ppl_curve"] += f", after each edit: {PREFIXED}"
-        for k in ("efficacy_immediate", "efficacy_final"):
-            protocols[k] += ", after the editor's prompt prefix"
+        for k in protocols:          # every score of the edits (ES, teacher-forced accuracy, WILD) was read after it
+            if k.endswith(("_immediate", "_final")):
+                protocols[k] += ", after the editor's prompt prefix"
     return Measurement(metrics, protocols, info)
