@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .tokens import encode_target, pad_batch, token_budget_batches
-from .metrics.prefix import SharedPrefix, common_prefix
+from .metrics.prefix import SharedPrefix, shared_prefix
 from .metrics.scoring import score_targets
 from .models.snapshot import param_digest
 
@@ -136,9 +136,8 @@ def answer_argmax(model, tok, pairs: Sequence[tuple[str, str]], *, prefix: str =
     device = next(model.parameters()).device
     seqs = [(tok(prefix + q).input_ids, encode_target(tok, a)) for q, a in pairs]
     # an in-context editor's prefix: its longest token prefix common to every question runs once (SharedPrefix)
-    c = min(common_prefix([q for q, _ in seqs], tok(prefix).input_ids), *(len(q) - 1 for q, _ in seqs)) \
-        if prefix and seqs else 0
-    shared = SharedPrefix(body, seqs[0][0][:c], device) if c > 0 else None
+    shared, c = shared_prefix(body, [q for q, _ in seqs], tok(prefix).input_ids if prefix else [],
+                              [len(q) - 1 for q, _ in seqs], device)
     out = []
     for q_ids, a_ids in seqs:   # a handful per case: one forward each keeps this simple
         ids = torch.tensor([(q_ids + a_ids)[c:]], device=device)

@@ -39,6 +39,16 @@ def common_prefix(seqs: Sequence[Sequence[int]], ids: Sequence[int]) -> int:
     return n
 
 
+def shared_prefix(body, seqs: Sequence[Sequence[int]], prefix_ids: Sequence[int], first_read: Sequence[int],
+                  device) -> tuple["SharedPrefix | None", int]:
+    """The prefix of ``seqs`` (each tokenised with the prefix text in front) to run once: the longest token prefix of
+    ``prefix_ids`` all of them share, cut so that it ends before every sequence's first position whose hidden state
+    is read (``first_read[i]``). Returns (its ``SharedPrefix``, its length c), or (None, 0) when nothing is shared;
+    callers then run ``seq[c:]`` of every sequence."""
+    c = min(common_prefix(seqs, prefix_ids), *first_read) if seqs and prefix_ids else 0
+    return (SharedPrefix(body, seqs[0][:c], device), c) if c > 0 else (None, 0)
+
+
 class SharedPrefix:
     """The keys and values of ``ids`` (a token prefix) at every layer of ``body``, computed once and reused by
     ``hidden`` for batches of continuations."""

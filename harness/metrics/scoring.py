@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tokens import check_context, encode_target, pad_batch, token_budget_batches
-from .prefix import SharedPrefix, common_prefix
+from .prefix import shared_prefix
 
 
 @dataclass
@@ -55,8 +55,8 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], *,
         spans.append((len(p_ids), len(t_ids)))
     out: list[TargetScore | None] = [None] * len(seqs)
     # the shared token prefix, run once: it must end before every sequence's first predicting position
-    c = min(common_prefix(seqs, tok(prefix).input_ids), *(s - 1 for s, _ in spans)) if prefix and reuse_prefix else 0
-    shared = SharedPrefix(body, seqs[0][:c], device) if c > 0 else None
+    shared, c = (shared_prefix(body, seqs, tok(prefix).input_ids, [s - 1 for s, _ in spans], device)
+                 if prefix and reuse_prefix else (None, 0))
     for idx in token_budget_batches([len(s) - c for s in seqs], max_tokens,
                                     max_batch=min(batch_size, shared.max_rows()) if shared else batch_size):
         ids, mask = pad_batch([seqs[i][c:] for i in idx], tok.pad_token_id)
