@@ -336,8 +336,9 @@ class RunCollector:
         from .metrics.registry import summarize
         from .report.export import to_text
         tr.section("knowledge-editing benchmark")
-        tr.write_line("mean [95% bootstrap CI over cases]; phase times: median s; edits to collapse: the fewest over "
-                      "the sequential streams ('never': none collapsed)")
+        tr.write_line("mean [95% bootstrap CI over cases]; phase times: median s per record (a sequential record: "
+                      "its whole stream); edits to collapse: the fewest over the sequential streams ('never': none "
+                      "collapsed)")
         for line in to_text(summarize(sorted(self.run.records, key=lambda r: r.get("nodeid", "")))):
             tr.write_line(line)
         cases = getattr(self.config.stash[_SESSION], "_cases", None)
