@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .tokens import encode_target, pad_batch, token_budget_batches
-from .metrics.prefix import SharedPrefix, shared_prefix
+from .metrics.prefix import SharedPrefix, hidden_states, shared_prefix
 from .metrics.scoring import score_targets
 from .models.snapshot import param_digest
 
@@ -75,8 +75,7 @@ def final_hidden(model, tok, texts: Sequence[str], *, prefix_ids: Sequence[int] 
                                       max_batch=shared.max_rows() if shared else None):
         idx = [order[b] for b in batch]
         ids, mask = pad_batch([encoded[i] for i in idx], tok.pad_token_id, device=device)
-        hidden = (shared.hidden(body, ids, mask) if shared is not None
-                  else body(input_ids=ids, attention_mask=mask).last_hidden_state)             # [b, T, d]
+        hidden = hidden_states(body, ids, mask, shared)                                        # [b, T, d]
         for r, i in enumerate(idx):
             out[i] = hidden[r, :len(encoded[i]) - 1].float()                                   # [T_i - 1, d]
     keep = [i for i in range(len(texts)) if out[i] is not None]
@@ -141,8 +140,7 @@ def answer_argmax(model, tok, pairs: Sequence[tuple[str, str]], *, prefix: str =
     out = []
     for q_ids, a_ids in seqs:   # a handful per case: one forward each keeps this simple
         ids = torch.tensor([(q_ids + a_ids)[c:]], device=device)
-        hidden = (shared.hidden(body, ids, torch.ones_like(ids)) if shared is not None
-                  else body(input_ids=ids).last_hidden_state)[0]                              # [T - c, d]
+        hidden = hidden_states(body, ids, torch.ones_like(ids), shared)[0]                    # [T - c, d]
         pos = torch.arange(len(q_ids) - 1 - c, len(q_ids) - 1 - c + len(a_ids), device=device)  # predict a_ids[j]
         out.append((head(hidden[pos]).argmax(-1).tolist(), a_ids))
     return out

@@ -29,7 +29,7 @@ def test_weights_never_change_and_the_prefix_is_in_every_scored_input(tiny_lm, b
     calls = []                       # (positions already cached, token rows of this forward pass)
 
     def keep_inputs(_module, _args, kwargs):
-        ids, past = kwargs["input_ids"], kwargs.get("past_key_values")
+        ids, past = kwargs["input_ids"], kwargs.get("cache", kwargs.get("past_key_values"))
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask[:, -ids.shape[1]:]
         calls.append((past.get_seq_length() if past is not None else 0,

@@ -104,3 +104,35 @@ def test_locality_reads_after_a_shared_prefix_equal_the_whole_pass(tiny_lm):
         with torch.no_grad():
             full = body(input_ids=torch.tensor([p_ids + t_ids])).last_hidden_state[0, len(p_ids):-1]
         torch.testing.assert_close(h, full, rtol=1e-4, atol=1e-5)
+
+
+def test_the_cache_goes_by_the_name_the_forward_takes():
+    """transformers 5.x takes and returns the key/value cache as ``cache`` (``past_key_values`` warns, and goes in
+    5.40); older versions know only ``past_key_values``: ``cache_arg`` / ``returned_cache`` follow the signature."""
+    from dataclasses import dataclass
+
+    import torch
+
+    from harness.models.kvcache import cache_arg, returned_cache
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            return input_ids
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    @dataclass
+    class OldOutput:
+        past_key_values: object = None
+
+    @dataclass
+    class NewOutput:
+        cache: object = None
+
+        def __getitem__(self, key):
+            return getattr(self, key)
+
+    assert cache_arg(New(), "kv") == {"cache": "kv"} and cache_arg(Old(), "kv") == {"past_key_values": "kv"}
+    assert returned_cache(OldOutput("kv")) == "kv" and returned_cache(NewOutput("kv")) == "kv"

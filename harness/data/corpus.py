@@ -144,11 +144,13 @@ def sample_ids(model, ids, max_out_len: int, top_k: int | None = 5, generator=No
     penalty, no stop at end-of-text, whatever the model's ``generation_config`` says (ROME's ``generate_fast``)."""
     import torch
 
+    from ..models.kvcache import cache_arg, returned_cache
+
     step_in, cache = ids, None
     with torch.no_grad():
         while ids.shape[1] < max_out_len:
-            o = model(input_ids=step_in, past_key_values=cache, use_cache=True)
-            cache = o.past_key_values
+            o = model(input_ids=step_in, **cache_arg(model, cache), use_cache=True)
+            cache = returned_cache(o)
             probs = torch.softmax(o.logits[:, -1].float() / temperature, dim=-1)       # [b, V]
             if top_k:
                 top_p, top_i = torch.topk(probs, top_k, dim=-1)                        # [b, k]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..data.case import EditCase
 from ..data.corpus import sample_continuations
 from ..models.loading import LoadedModel
+from ..models.kvcache import cache_arg, returned_cache
 from ..models.partial import block_input, layers_from, stop_after, supports_layers_from
 from ..models.snapshot import param_digest
 from ..tokens import encode_target, pad_batch  # noqa: F401 - encode_target re-exported for editors
@@ -367,8 +368,7 @@ def optimize_values(lm: LoadedModel, cases: Sequence[EditCase], module_name: str
     cache = None
     if P:
         with torch.no_grad():
-            cache = body(**pre_in, attention_mask=pre_mask, position_ids=pre_pos,
-                         use_cache=True).past_key_values
+            cache = returned_cache(body(**pre_in, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True))
 
     # the blocks below the edited module's never see delta: their output for the suffix is computed once, and
     # every step runs the model from the module's block on (``layers_from``: bit-identical to the full pass,
@@ -377,7 +377,7 @@ def optimize_values(lm: LoadedModel, cases: Sequence[EditCase], module_name: str
     step_in = suf_in
     if start and (cache is None or hasattr(cache, "layers")):
         with torch.no_grad(), block_input(model, lm.adapter, start) as below:
-            body(**suf_in, attention_mask=full_mask, position_ids=suf_pos, past_key_values=cache,
+            body(**suf_in, attention_mask=full_mask, position_ids=suf_pos, **cache_arg(body, cache),
                  use_cache=cache is not None)
         if cache is not None:
             _drop_suffix(cache, S, P)
@@ -426,7 +426,7 @@ def optimize_values(lm: LoadedModel, cases: Sequence[EditCase], module_name: str
         with add_to_subjects(module, rows_delta, n, at["all_rows"], at["col0"]) as info, \
                 (layers_from(model, lm.adapter, start) if start else contextlib.nullcontext()):
             hidden = body(**step_in, attention_mask=full_mask, position_ids=suf_pos,
-                          past_key_values=cache, use_cache=cache is not None).last_hidden_state  # [A n, S, d_model]
+                          **cache_arg(body, cache), use_cache=cache is not None).last_hidden_state  # [A n, S, d_model]
         if cache is not None:
             _drop_suffix(cache, S, P)
         if v_init is None:                  # the clean values at the bare prompts (each case's row 0, "{}")

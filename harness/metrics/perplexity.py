@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..models.partial import BelowLayer
 from ..tokens import pad_batch, token_budget_batches
-from .prefix import SharedPrefix
+from .prefix import SharedPrefix, hidden_states
 
 PROTOCOLS = {"ppl": "me-ppl (mean of per-sentence perplexity)", "ppl_token": "token-weighted perplexity"}
 PREFIXED = ("each text after the in-context editor's prompt prefix (prefix tokens are context, not scored; the "
@@ -51,24 +51,21 @@ def perplexity(model, tok, texts: Sequence[str], *, max_tokens_per_batch: int = 
     device = next(model.parameters()).device
     encoded = [tok(t).input_ids[:max_len] for t in texts]
     p_ids = tok(prefix).input_ids if prefix else []
-    P = len(p_ids)
     order = sorted((i for i in range(len(encoded)) if len(encoded[i]) >= 2), key=lambda i: len(encoded[i]))
     if not order:
         raise ValueError("perplexity needs texts of at least two tokens")
     nll_sum = [0.0] * len(encoded)
-    shared = SharedPrefix(body, p_ids, device) if P and reuse_prefix else None
-    if shared is not None:                       # the prefix's keys and values are reused: batches hold the texts only
-        p_ids, P = [], 0
+    shared = SharedPrefix(body, p_ids, device) if p_ids and reuse_prefix else None
+    inline = [] if shared else p_ids             # prefix tokens each batch runs (none when its keys are reused)
+    P = len(inline)
     for batch in token_budget_batches([P + len(encoded[i]) for i in order], max_tokens_per_batch,
                                       max_batch=shared.max_rows() if shared else None):
         idx = [order[b] for b in batch]          # similar lengths together (sorted): little padding
-        ids, mask = pad_batch([p_ids + encoded[i] for i in idx], tok.pad_token_id, device=device)
-        if shared is not None:
-            hidden = shared.hidden(body, ids, mask)                                 # [b, T, d]
-        elif below is not None and not prefix:
+        ids, mask = pad_batch([inline + encoded[i] for i in idx], tok.pad_token_id, device=device)
+        if below is not None and not prefix:
             hidden = below.run(tuple(idx), ids, mask)                               # [b, T, d]
         else:
-            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state    # [b, P + T, d]
+            hidden = hidden_states(body, ids, mask, shared)                        # [b, P + T, d]
         pred_mask = mask[:, 1:].bool()                                            # positions with a next token
         pred_mask[:, :P] = False                 # the prefix predicts nothing (nor does its last token: the
                                                  # text's first token is not scored without a prefix either)

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from ..models.kvcache import cache_arg, returned_cache
+
 #: rows x prefix positions of the cache one batch may hold (the repeated keys and values: on SmolLM2-135M 4,096
 #: positions are 30 layers x 2 x [4096, 192] fp32 = 189 MB)
 MAX_CACHED_POSITIONS = 4096
@@ -58,8 +60,8 @@ class SharedPrefix:
             raise ValueError("SharedPrefix needs at least one token")
         self.n = len(ids)                                                           # prefix positions
         with torch.no_grad():
-            self.cache = body(input_ids=torch.tensor([list(ids)], device=device),
-                              use_cache=True).past_key_values                       # [1, heads, n, d_head] per layer
+            self.cache = returned_cache(body(input_ids=torch.tensor([list(ids)], device=device),
+                                             use_cache=True))                       # [1, heads, n, d_head] per layer
 
     def max_rows(self, budget: int = MAX_CACHED_POSITIONS) -> int:
         """Rows one batch may hold so that the repeated cache stays within ``budget`` positions."""
@@ -74,5 +76,13 @@ class SharedPrefix:
             cache.batch_repeat_interleave(B)
         full_mask = torch.cat([mask.new_ones(B, self.n), mask], dim=1)                                # [B, n + T]
         pos = torch.arange(self.n, self.n + T, device=ids.device).expand(B, T)                         # [B, T]
-        return body(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+        return body(input_ids=ids, attention_mask=full_mask, position_ids=pos, **cache_arg(body, cache),
                     use_cache=True).last_hidden_state
+
+
+def hidden_states(body, ids: torch.Tensor, mask: torch.Tensor, shared: SharedPrefix | None = None) -> torch.Tensor:
+    """Last hidden states of ``ids`` [B, T] (``mask`` [B, T]): continuing ``shared``'s prefix when there is one, else
+    from position 0. [B, T, d_model]"""
+    if shared is not None:
+        return shared.hidden(body, ids, mask)
+    return body(input_ids=ids, attention_mask=mask).last_hidden_state

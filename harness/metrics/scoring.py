@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tokens import check_context, encode_target, pad_batch, token_budget_batches
-from .prefix import shared_prefix
+from .prefix import hidden_states, shared_prefix
 
 
 @dataclass
@@ -67,10 +67,7 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], *,
                 rows.append(r)
                 cols.append(start - 1 + j - c)   # the position that predicts target token j
                 gold.append(seqs[i][start + j])
-        if shared is not None:
-            hidden = shared.hidden(body, ids.to(device), mask.to(device))
-        else:
-            hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        hidden = hidden_states(body, ids.to(device), mask.to(device), shared)                 # [b, T - c, d]
         logits = head(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
         gold_t = torch.tensor(gold, device=device)
         nll = F.cross_entropy(logits, gold_t, reduction="none")
