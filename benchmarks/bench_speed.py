@@ -24,6 +24,12 @@ process, and compares the results; ``--vstar K --cycle`` the whole cycle with v*
 ``--ab`` runs, per case, the unoptimised cycle (the code paths as before issue 14, ``unoptimised``) and then the
 optimised one in the same process, alternating, and prints both with their ratio and the largest result
 difference: on a shared machine this ratio is far steadier than two separate runs.
+
+``--flops`` counts the floating-point work of every phase instead of its seconds (GFLOP per case, unoptimised and
+optimised), which no neighbour on the machine can change, and the least CPU time that work takes at the rate of
+matrix products measured here:
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_speed.py --data-dir ../shared/data --cases 2 --flops
 """
 from __future__ import annotations
 
@@ -112,9 +118,10 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-def print_ab(what: str, name_a: str, rows_a: list[dict], name_b: str, rows_b: list[dict]) -> None:
-    """The phase table (mean CPU-s per case, a / b) and the largest per-case result difference of two paths."""
-    print(f"\nCPU seconds per case (mean), one thread, {what}")
+def print_ab(what: str, name_a: str, rows_a: list[dict], name_b: str, rows_b: list[dict],
+             unit: str = "CPU seconds") -> None:
+    """The phase table (mean per case, a / b) and the largest per-case result difference of two paths."""
+    print(f"\n{unit} per case (mean), one thread, {what}")
     print(f"| phase | {name_a} | {name_b} | {name_a} / {name_b} |")
     print("|---|---|---|---|")
     for k in PHASES:
@@ -124,9 +131,10 @@ def print_ab(what: str, name_a: str, rows_a: list[dict], name_b: str, rows_b: li
         f"{k} {max(abs(a[k] - b[k]) for a, b in zip(rows_a, rows_b)):.3g}" for k in RESULTS))
 
 
-def one_case(h, editor, case, protocols, tag: str = "") -> dict:
-    """One single-edit cycle, timed phase by phase in CPU seconds; the row printed and returned."""
-    timer_ref = [cpu_timer()]
+def one_case(h, editor, case, protocols, tag: str = "", clock=time.process_time, scale: float = 1.0) -> dict:
+    """One single-edit cycle, timed phase by phase in CPU seconds (or in ``clock``'s unit / ``scale``: GFLOP for
+    ``--flops``); the row printed and returned."""
+    timer_ref = [PhaseTimer("cpu", clock=lambda: clock() / scale)]
     timer = timer_ref[0]
     with timed_v_star(timer_ref), timer.phase("cycle"):
         m = protocols.single_edit(h, editor, case, timer)
@@ -153,6 +161,41 @@ def ab(h, editor, cases, protocols) -> None:
     print_ab(f"unoptimised and optimised alternating in one process ({len(cases)} cases)",
              "unoptimised", slow, "optimised", fast)
     print(f"peak RSS of the process (both paths): {peak_rss_mb():.0f} MB")
+
+
+def matmul_rate(rows: int = 110, d: int = 576, d_ff: int = 1536, repeats: int = 7) -> float:
+    """GFLOP/s of this process's matrix products at the v* steps' shape ([rows, d] @ [d, d_ff], fp32, the MLP's),
+    best of ``repeats`` timings of 50 products: the rate the floor below is computed at."""
+    a, b = torch.randn(rows, d), torch.randn(d, d_ff)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        for _ in range(50):
+            a @ b
+        best = min(best, time.process_time() - t0)
+    return 50 * 2 * rows * d * d_ff / best / 1e9
+
+
+def flops(h, editor, cases, protocols) -> None:
+    """--flops: the floating-point work of every phase (GFLOP per case, matrix products and attention as
+    ``torch.utils.flop_counter`` counts them, forward and backward; element-wise work is not counted), for the
+    unoptimised cycle and the optimised one. Unlike seconds it does not depend on the machine's load, so it shows
+    exactly how much work each optimisation removed, and, at the matrix-product rate measured here, the least CPU
+    time the counted work can take at one thread."""
+    from torch.utils.flop_counter import FlopCounterMode
+    slow, fast = [], []
+    for case in cases:
+        for rows, path, tag in ((slow, unoptimised, "unoptimised "), (fast, contextlib.nullcontext, "optimised   ")):
+            counter = FlopCounterMode(display=False)
+            with path(), counter:
+                rows.append(one_case(h, editor, case, protocols, tag,
+                                     clock=counter.get_total_flops, scale=1e9))
+    print_ab(f"unoptimised and optimised ({len(cases)} cases)", "unoptimised", slow, "optimised", fast, unit="GFLOP")
+    rate = matmul_rate()
+    cycle = statistics.fmean(r["cycle"] for r in fast)
+    print(f"matrix products at the v* shape ([110, 576] @ [576, 1536], fp32, one thread): {rate:.1f} GFLOP/s now "
+          f"(best of 7); the optimised cycle's {cycle:.0f} GFLOP take at least {cycle / rate:.1f} CPU-s at that rate, "
+          f"against {REFERENCE['cycle'] / 5:.1f} CPU-s for 5x the reference ROME's cycle")
 
 
 def vstar_ab(h, editor, cases, k: int) -> None:
@@ -231,6 +274,9 @@ def main() -> None:
                          "this process: CPU-s per case and result differences; --json is not written")
     ap.add_argument("--cycle", action="store_true",
                     help="with --vstar K: the whole single-edit cycle, v* one at a time against K ahead")
+    ap.add_argument("--flops", action="store_true",
+                    help="per case, the floating-point work (GFLOP) of each phase, unoptimised and optimised, and the "
+                         "least CPU time it can take at the matrix-product rate measured here; --json is not written")
     ap.add_argument("--generation", action="store_true",
                     help="also the suite's WILD and fluency generations (off: the reference's cycle has none)")
     args = ap.parse_args()
@@ -255,6 +301,8 @@ def main() -> None:
           f"{len(cases)} cases of {h.dataset_name()}, {args.editor} {' '.join(hparams)}; once per session: "
           + ", ".join(f"{k} {v:.1f}" for k, v in once.seconds.items()) + " CPU-s", flush=True)
 
+    if args.flops:
+        return flops(h, editor, cases, protocols)
     if args.vstar and args.cycle:
         return cycle_ab(h, editor, cases, args.vstar, protocols)
     if args.vstar:
