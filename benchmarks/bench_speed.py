@@ -151,19 +151,33 @@ def one_case(h, editor, case, protocols, tag: str = "", clock=time.process_time,
     return row
 
 
-def ab(h, editor, cases, protocols) -> None:
-    """--ab: unoptimised then optimised cycle per case, alternating; means, ratio, largest result difference."""
+def both_paths(h, editor, cases, protocols, count_flops: bool = False) -> tuple[list[dict], list[dict]]:
+    """Per case the unoptimised cycle and then the optimised one, alternating in this process: their rows, in CPU
+    seconds, or with ``count_flops`` in GFLOP as ``torch.utils.flop_counter`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
     slow, fast = [], []
     for case in cases:
-        with unoptimised():
-            slow.append(one_case(h, editor, case, protocols, "unoptimised "))
-        fast.append(one_case(h, editor, case, protocols, "optimised   "))
+        for rows, path, tag in ((slow, unoptimised, "unoptimised "), (fast, contextlib.nullcontext, "optimised   ")):
+            counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+            unit = {"clock": counter.get_total_flops, "scale": 1e9} if count_flops else {}
+            with path(), counter:
+                rows.append(one_case(h, editor, case, protocols, tag, **unit))
+    return slow, fast
+
+
+def ab(h, editor, cases, protocols) -> None:
+    """--ab: unoptimised then optimised cycle per case, alternating; means, ratio, largest result difference."""
+    slow, fast = both_paths(h, editor, cases, protocols)
     print_ab(f"unoptimised and optimised alternating in one process ({len(cases)} cases)",
              "unoptimised", slow, "optimised", fast)
     print(f"peak RSS of the process (both paths): {peak_rss_mb():.0f} MB")
 
 
-def matmul_rate(rows: int = 110, d: int = 576, d_ff: int = 1536, repeats: int = 7) -> float:
+RATE_SHAPE = (110, 576, 1536)     # v* steps' MLP products on the embedded model: [rows, d] @ [d, d_ff]
+
+
+def matmul_rate(rows: int = RATE_SHAPE[0], d: int = RATE_SHAPE[1], d_ff: int = RATE_SHAPE[2],
+                repeats: int = 7) -> float:
     """GFLOP/s of this process's matrix products at the v* steps' shape ([rows, d] @ [d, d_ff], fp32, the MLP's),
     best of ``repeats`` timings of 50 products: the rate the floor below is computed at."""
     a, b = torch.randn(rows, d), torch.randn(d, d_ff)
@@ -182,18 +196,12 @@ def flops(h, editor, cases, protocols) -> None:
     unoptimised cycle and the optimised one. Unlike seconds it does not depend on the machine's load, so it shows
     exactly how much work each optimisation removed, and, at the matrix-product rate measured here, the least CPU
     time the counted work can take at one thread."""
-    from torch.utils.flop_counter import FlopCounterMode
-    slow, fast = [], []
-    for case in cases:
-        for rows, path, tag in ((slow, unoptimised, "unoptimised "), (fast, contextlib.nullcontext, "optimised   ")):
-            counter = FlopCounterMode(display=False)
-            with path(), counter:
-                rows.append(one_case(h, editor, case, protocols, tag,
-                                     clock=counter.get_total_flops, scale=1e9))
+    slow, fast = both_paths(h, editor, cases, protocols, count_flops=True)
     print_ab(f"unoptimised and optimised ({len(cases)} cases)", "unoptimised", slow, "optimised", fast, unit="GFLOP")
     rate = matmul_rate()
     cycle = statistics.fmean(r["cycle"] for r in fast)
-    print(f"matrix products at the v* shape ([110, 576] @ [576, 1536], fp32, one thread): {rate:.1f} GFLOP/s now "
+    rows, d, d_ff = RATE_SHAPE
+    print(f"matrix products at the v* shape ([{rows}, {d}] @ [{d}, {d_ff}], fp32, one thread): {rate:.1f} GFLOP/s now "
           f"(best of 7); the optimised cycle's {cycle:.0f} GFLOP take at least {cycle / rate:.1f} CPU-s at that rate, "
           f"against {REFERENCE['cycle'] / 5:.1f} CPU-s for 5x the reference ROME's cycle")
 
