@@ -133,9 +133,14 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare a run against a baseline run; exit 1 on regression",
                        description="Compare RUN against BASELINE case by case (records matched by suite, editor and "
                                    "case id): a metric regresses when its paired change is beyond tolerance and its "
-                                   "95% paired-bootstrap interval excludes zero. Exit code 0: no regression; 1: "
-                                   "regression; 2: unusable input, or runs with different model, dataset or "
-                                   "thresholds (unless --allow-different).")
+                                   "95% paired-bootstrap interval excludes zero; a test that passed and now fails, a "
+                                   "(suite, editor) or more than a quarter of its cases absent, a metric lost or "
+                                   "with an impossible value (a negative ratio or time) are regressions too. Timings "
+                                   "of runs on different machines are not compared (a note says so). Exit code 0: "
+                                   "no regression; 1: regression; 2: unusable input, two records of one case, or "
+                                   "runs with different model, dataset, thresholds or run settings (--seq-edits, "
+                                   "--batch-size, --ppl-schedule, --wild-dataset, --hard-dataset) unless "
+                                   "--allow-different.")
     p.add_argument("baseline", type=Path, metavar="BASELINE.json")
     p.add_argument("run", type=Path, metavar="RUN.json")
     p.add_argument("--tol-score", type=_tolerance, default=0.05, metavar="ABS",
@@ -145,7 +150,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tol-time", type=_time_tolerance, default=0.5, metavar="REL|none",
                    help="allowed relative slowdown of median phase timings, or 'none' to skip (default 0.5)")
     p.add_argument("--allow-different", action="store_true",
-                   help="compare even when model, dataset or thresholds differ (the differences become notes)")
+                   help="compare even when model, dataset, thresholds or run settings differ (the differences become "
+                        "notes), and compare timings across machines")
     p.add_argument("--only-changes", action="store_true", help="print only rows that are not ok")
     p.set_defaults(func=_cmd_compare)
 

@@ -7,12 +7,18 @@ index twice, e.g. a rerun) are reported; a partial merge needs ``allow_missing``
 request (``keep="latest"``). Each merged record keeps where it came from under ``record["shard"]`` (shard index, the
 shard's run id, host and file); the merged run's ``sweep`` section lists the shards. Report, leaderboard and compare
 read the merged file like any run JSON.
+
+A shard's records must be what the shard ran and measured: a record of a test the shard did not select
+(``shard.selected``) is refused, and so is a shard whose ``summary`` is not the one its records give (a metric or
+outcome edited after the run); each in one line naming the file. The merged file is written through a unique
+temporary file, fsync'd, and renamed into place (``harness.run.atomic_write_text``).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .provenance import CORPUS_CONFIG, run_corpora
-from .run import BenchmarkRun
+from .run import BenchmarkRun, _jsonable, atomic_write_text
 
 # top-level fields that legitimately differ between the shards of one sweep (everything else must be equal)
 PER_SHARD = frozenset({"run_id", "started", "finished", "duration_s", "machine", "records", "summary", "shard"})
@@ -218,16 +224,62 @@ def _merged_records(chosen: dict[int, tuple[str, dict]], report: MergeReport) ->
     for i in sorted(chosen):
         path, run = chosen[i]
         host = (run.get("machine") or {}).get("hostname")
+        selected = run["shard"].get("selected")
+        chosen_tests = set(selected) if isinstance(selected, list) else None
         for rec in run["records"]:
             nodeid = rec.get("nodeid", "")
             if nodeid in out:
                 raise MergeError(f"{path}: test {nodeid} is also in shard {out[nodeid]['shard']['index']}; the "
                                  f"shards disagree on the assignment (different collections?); {HINT}")
+            if chosen_tests is not None and nodeid not in chosen_tests:
+                raise MergeError(f"{path}: a record of test {nodeid}, which shard {i} did not select (shard.selected); "
+                                 f"the file was altered or its records are not this shard's; rerun the shard")
             out[nodeid] = {**rec, "shard": {"index": i, "run_id": run.get("run_id"), "hostname": host,
                                             "file": str(path)}}
         recorded = {r.get("nodeid") for r in run["records"]}
         report.unrecorded += [n for n in run["shard"].get("selected", []) if n not in recorded]
+    for i in sorted(chosen):
+        check_summary(*chosen[i])
     return [out[k] for k in sorted(out)]
+
+
+def check_summary(path: str, run: dict[str, Any]) -> None:
+    """Raise :class:`MergeError` unless the shard's ``summary`` is the one its records give (recomputed as the run
+    writer computes it): a metric, outcome or summary edited after the run is refused, not merged."""
+    if "summary" not in run:
+        return                     # a schema 1 run may have none: nothing to check against
+    records = sorted(run["records"], key=lambda r: r.get("nodeid", ""))
+    expected = json.loads(json.dumps(_jsonable(BenchmarkRun(records=records).summary())))
+    diff = _numbers_differ(run["summary"], expected, "summary")
+    if diff:
+        raise MergeError(f"{path}: its summary does not match its records ({diff} recomputed); a record or the "
+                         "summary was changed after the run; rerun the shard")
+
+
+def _numbers_differ(stored: Any, expected: Any, path: str) -> str | None:
+    """The first place where two JSON values differ (numbers within 1e-9 relative are equal), with both values."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        for k in [*expected, *(k for k in stored if k not in expected)]:     # the writer's order: value first
+            d = _numbers_differ(stored.get(k), expected.get(k), f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(stored, list) and isinstance(expected, list) and len(stored) == len(expected):
+        for k, (a, b) in enumerate(zip(stored, expected)):
+            label = f"{path}[{k}]"
+            if isinstance(a, dict) and isinstance(b, dict) and "suite" in b:
+                label = f"{path}[{b.get('suite')}/{b.get('editor')}]"
+            d = _numbers_differ(a, b, label)
+            if d:
+                return d
+        return None
+    numeric = (int, float)
+    if (isinstance(stored, numeric) and isinstance(expected, numeric) and not isinstance(stored, bool)
+            and not isinstance(expected, bool) and math.isclose(stored, expected, rel_tol=1e-9, abs_tol=1e-12)):
+        return None
+    if stored != expected:
+        return f"{path} {json.dumps(stored)[:40]} vs {json.dumps(expected)[:40]}"
+    return None
 
 
 def _shard_entry(path: str, run: dict[str, Any]) -> dict[str, Any]:
@@ -250,9 +302,7 @@ def write_merged(run: dict[str, Any], out: str | Path, html: bool = True) -> lis
     """Write the merged run JSON (and its HTML report beside it); returns the files written."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(run, indent=1))
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(run, indent=1))       # unique temporary name, fsync, atomic rename
     written = [out]
     if html:
         from .report.html import write_html

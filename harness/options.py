@@ -78,6 +78,18 @@ def integer(minimum: int = 1, allow_all: bool = False) -> Parser:
     return parse
 
 
+def auto_or(parse_value: Parser, accepted: str) -> Parser:
+    """``auto`` (-> None: the harness chooses) or a value of ``parse_value``."""
+    def parse(raw: str) -> Any:
+        if str(raw).strip().lower() == "auto":
+            return None
+        try:
+            return parse_value(raw)
+        except OptionError:
+            raise OptionError(f"expected auto or {accepted}") from None
+    return parse
+
+
 def number(minimum: float = 0.0, exclusive: bool = False) -> Parser:
     """A number >= ``minimum`` (> with ``exclusive``); inf is allowed (a bound that never fails), nan is not."""
     accepted = f"a number {'>' if exclusive else '>='} {minimum:g}"
@@ -201,6 +213,20 @@ def shard(raw: str) -> tuple[int, int]:
     return i, n
 
 
+def corpus(raw: str) -> str:
+    """A corpus spec (harness.data.corpus.load_texts); an ``hf:`` one's syntax is checked here, whether it can be
+    loaded by :func:`validate_corpora` at start-up."""
+    s = str(raw)
+    if s.startswith("hf:"):
+        from .data.hub import hf_spec
+        from .data.loaders import DataError
+        try:
+            hf_spec(s, label="")
+        except DataError as e:
+            raise OptionError(str(e)) from None
+    return s
+
+
 def run_json_file(raw: str) -> str:
     """An existing file (its content is read, and checked, where it is used)."""
     if not Path(raw).expanduser().is_file():
@@ -256,15 +282,21 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("data_dir", text, None, "folder with the benchmark data (counterfact/, zsre/, collapse/, corpus/)",
         env="HARNESS_DATA_DIR", type=str | None),
     Opt("dataset", text, "auto", "auto (counterfact with a data dir, else builtin), builtin, builtin-hard, "
-        "counterfact, zsre, zsre-qa, counterfact-easyedit, qaedit, knowedit:FILE, a file, or hf:owner/name",
-        type=str),
+        "counterfact, zsre, zsre-qa, counterfact-easyedit, qaedit (from the data dir), knowedit:FILE, a file (its "
+        "format sniffed: CounterFact, zsRE, EasyEdit, KnowEdit or QAEdit records), or hf:owner/name", type=str),
     Opt("cases", integer(1, allow_all=True), 10, "number of cases: N >= 1 or all", ini=True, type=int | None),
     Opt("skip_invalid", bool, False, "skip malformed records instead of failing", kind="flag", type=bool),
-    Opt("ppl_corpus", text, "auto", "perplexity texts: auto (ME-PPL_50 with a data dir, else builtin)", type=str),
+    Opt("ppl_corpus", corpus, "auto", "perplexity texts: auto (ME-PPL_50 with a data dir, else builtin), a named "
+        "corpus or file, or hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] (Hugging Face datasets: a hub id, or a folder saved "
+        "with save_to_disk; docs/hf-corpora.md)", type=str),
     Opt("ppl_texts", integer(1, allow_all=True), 50, "number of perplexity texts: N >= 1 or all", type=int | None),
-    Opt("stats_corpus", text, "auto", "text for key statistics: auto (WikiText with a data dir, else builtin)",
-        type=str),
-    Opt("stats_tokens", integer(1), 100_000, "tokens for the keys' second-moment statistics", type=int),
+    Opt("stats_corpus", corpus, "auto", "text for key statistics: auto (WikiText with a data dir, else "
+        "model-samples: text sampled from the model), a named corpus or file, or "
+        "hf:NAME[:CONFIG[:SPLIT[:COLUMN]]] (Hugging Face datasets, e.g. hf:wikitext:wikitext-103-raw-v1, or a "
+        "folder saved with save_to_disk; docs/hf-corpora.md)", type=str),
+    Opt("stats_tokens", auto_or(integer(1), "an integer >= 1"), None, "tokens for the keys' second-moment "
+        "statistics: auto (20 x d_in of model samples, 30,720 for the embedded model; 100,000 of a text corpus) or "
+        "N >= 1", type=int | None, metavar="auto|N"),
     Opt("train_pool", text, "auto", "training edits for in-context demonstrations (ike) and unrelated rows (wise): "
         "auto (CounterFact's EasyEdit train split with a data dir, else builtin), builtin, or a train JSON",
         type=str),
@@ -276,11 +308,12 @@ OPTIONS: tuple[Opt, ...] = (
         "hyper-parameters and recorded in the run (repeatable; --hparam still overrides)", kind="append",
         metavar="EDITOR=PATH.yaml", type=list),
     # evaluation in the wild and generation metrics (docs/wild.md)
-    Opt("wild", boolean, True, "WILD metrics (greedy generation, natural stop, exact match / containment) beside "
-        "the teacher-forced ones in the single-edit, sequential and locality suites; --no-wild for speed",
+    Opt("wild", boolean, False, "WILD metrics (greedy generation, natural stop, exact match / containment) beside "
+        "the teacher-forced ones in the single-edit, sequential and locality suites (off by default: on CPU they "
+        "cost more than the edit; tox -e bench-full turns them on)",
         ini=True, kind="switch", type=bool),
-    Opt("fluency", boolean, True, "ROME's generation fluency (n-gram entropy) and consistency (TF-IDF) before and "
-        "after single edits; --no-fluency for speed", ini=True, kind="switch", type=bool),
+    Opt("fluency", boolean, False, "ROME's generation fluency (n-gram entropy) and consistency (TF-IDF) before and "
+        "after single edits (off by default, like --wild)", ini=True, kind="switch", type=bool),
     Opt("wild_dataset", text, "auto", "WILD suite cases: auto (qaedit with a data dir, else the run's dataset), or "
         "any --dataset value", type=str),
     Opt("report_dir", writable_dir, "reports", "where the run JSON, HTML report and sequential journals go",
@@ -481,6 +514,107 @@ def validate_hparams_files(items: list[tuple[str, str]]) -> dict[str, Any]:
     return out
 
 
+def model_depth(options: Any) -> int | None:
+    """The number of layers of ``--model``, read without loading its weights: from the header of a .gguf file or of
+    the embedded default's GGUF, or from the ``config.json`` of a model folder or of a hub model already in the
+    Hugging Face cache (nothing is downloaded). None when it cannot be read so (a hub model not downloaded yet, a
+    path that is no model): layer indices are then checked once the model is loaded."""
+    from .models.loading import EMBEDDED, embedded_gguf
+
+    name = str(options.model)
+    try:
+        if name in EMBEDDED or name.endswith(".gguf"):
+            return gguf_block_count(embedded_gguf(name) if name in EMBEDDED else Path(name).expanduser())
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(name, local_files_only=True,
+                                            trust_remote_code=bool(options.trust_remote_code))
+    except Exception:  # noqa: BLE001 - not readable without a download or the weights: checked after the load
+        return None
+    config = getattr(config, "get_text_config", lambda: config)()
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_tokenizer(options: Any, cache_dir: Path) -> tuple[Any, int | None] | None:
+    """The tokenizer of ``--model`` and its context window in tokens, read without loading its weights (to check
+    cases against the context as they load): from a model folder, a hub model already in the Hugging Face cache, or
+    the de-quantized folder of a .gguf file / the embedded default once it is built (nothing is downloaded or
+    converted). None when they cannot be read so."""
+    from types import SimpleNamespace
+
+    from .models.loading import EMBEDDED, _file_digest, embedded_gguf
+    from .tokens import context_length
+
+    name = str(options.model)
+    try:
+        source = name
+        if name in EMBEDDED or name.endswith(".gguf"):
+            gguf = embedded_gguf(name) if name in EMBEDDED else Path(name).expanduser()
+            source = str(Path(cache_dir) / "models" / f"{gguf.stem}-{_file_digest(gguf)}")
+        from transformers import AutoConfig, AutoTokenizer
+        kwargs = {"local_files_only": True, "trust_remote_code": bool(options.trust_remote_code)}
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception:  # noqa: BLE001 - not readable without a download or a build: checked once the model loads
+        return None
+    return tokenizer, context_length(SimpleNamespace(config=config))
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+
+
+def gguf_block_count(path: Path) -> int | None:
+    """``<architecture>.block_count`` from a GGUF file's metadata, which precedes its tensors: read key by key and
+    stopped as soon as the value is known (milliseconds; no tensor is read or de-quantized). None when the file is
+    not GGUF (version 2 or later) or does not say."""
+    import struct
+
+    with open(path, "rb") as f:
+        def read(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            raw = f.read(size)
+            if len(raw) < size:
+                raise ValueError("truncated GGUF header")
+            return struct.unpack(fmt, raw)[0]
+
+        def string() -> str:
+            return f.read(read("<Q")).decode("utf-8", "replace")
+
+        def value(kind: int) -> Any:
+            if kind in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return string()
+            if kind == 9:                                   # an array: skipped (tokenizer vocabularies, merges)
+                item, n = read("<I"), read("<Q")
+                if item in _GGUF_SCALARS:
+                    f.seek(n * struct.calcsize(_GGUF_SCALARS[item]), 1)
+                else:
+                    for _ in range(n):
+                        value(item)
+                return None
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+        if f.read(4) != b"GGUF" or read("<I") < 2:
+            return None
+        read("<Q")                                          # tensor count
+        arch, counts = None, {}
+        for _ in range(read("<Q")):
+            key = string()
+            v = value(read("<I"))
+            if key == "general.architecture":
+                arch = v
+            elif key.endswith(".block_count"):
+                counts[key] = v
+            if arch is not None and isinstance(counts.get(f"{arch}.block_count"), int):
+                return counts[f"{arch}.block_count"]
+    return None
+
+
 def validate_names(options: Any) -> None:
     """Checks that need the registries: editor names, hyper-parameter overrides, downstream task names."""
     from .downstream.evaluator import UnknownTaskError, parse_tasks
@@ -491,8 +625,10 @@ def validate_names(options: Any) -> None:
     for name in options.editors:
         if name not in known:
             raise pytest.UsageError(f"--editor {name}: unknown editor; available: {', '.join(known)}")
-    try:
-        validate_overrides(options.hparams, options.editors)
+    sets_layers = any(str(h).split("=", 1)[0].strip().rsplit(".", 1)[-1] in ("layer", "layers")
+                      for h in options.hparams)
+    try:      # types, declared constraints, and (from the model's config, no weights) layer ranges
+        validate_overrides(options.hparams, options.editors, n_layers=model_depth(options) if sets_layers else None)
     except HparamsError as e:
         raise pytest.UsageError(str(e)) from None
     try:
@@ -500,3 +636,19 @@ def validate_names(options: Any) -> None:
     except UnknownTaskError as e:
         raise pytest.UsageError(f"--downstream-tasks: {e}") from None
 
+
+def validate_corpora(options: Any) -> None:
+    """``hf:`` corpora (``--stats-corpus``, ``--ppl-corpus``) must be loadable now, before the model loads: a folder
+    saved with datasets, or a hub dataset that is reachable or (offline) in the datasets cache. Nothing is
+    downloaded; a failure is a usage error of one line naming the fix."""
+    from .data.hub import check_hf_corpus
+    from .data.loaders import DataError
+
+    for dest, data_dir_corpus in (("stats_corpus", "WikiText-2"), ("ppl_corpus", "ME-PPL")):
+        spec = getattr(options, dest, None)
+        if isinstance(spec, str) and spec.startswith("hf:"):
+            flag = "--" + dest.replace("_", "-")
+            try:
+                check_hf_corpus(spec, label=f"{flag} {spec}", hint=f"--data-dir DIR for {data_dir_corpus}")
+            except DataError as e:
+                raise pytest.UsageError(str(e)) from None

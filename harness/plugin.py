@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,8 @@ from typing import Any
 import pytest
 
 from .data import DataError
-from .options import (add_options, options_from, read_values, threshold_values, validate_hparams_files,
-                      validate_names)
+from .options import (add_options, options_from, read_values, threshold_values, validate_corpora,
+                      validate_hparams_files, validate_names)
 from .protocols import Measurement
 from .run import BenchmarkRun, Record
 from .session import HarnessSession, ModelUnavailable
@@ -25,6 +26,7 @@ RECORD_KEY = "harness_record"
 _SESSION = pytest.StashKey[HarnessSession]()
 _RUN = pytest.StashKey[BenchmarkRun]()
 _RECORD = pytest.StashKey[Record]()
+_HPARAMS_FILES = pytest.StashKey[dict]()        # editor -> what its --hparams-file became (start-up)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -56,19 +58,25 @@ def pytest_configure(config: pytest.Config) -> None:
     values = read_values(config)              # every bad value is a usage error here, before anything loads
     options = options_from(values, progress=config.getoption("capture") == "no" or not os.environ.get("CI"))
     validate_names(options)
+    if worker is None:
+        validate_corpora(options)             # an hf: corpus that cannot be loaded fails here, not mid-run
     with warnings.catch_warnings(record=True) as ignored_keys:   # EasyEdit keys the harness does not use
         warnings.simplefilter("always")
         hparams_files = validate_hparams_files(options.hparams_file)
     for w in ignored_keys:                                      # shown in the warnings summary, once per key
         config.issue_config_time_warning(w.message, stacklevel=2)
+    hparams_files = _canonical_editors(options, hparams_files)  # --editor ft runs, and is recorded, as ft_l
+    config.stash[_HPARAMS_FILES] = hparams_files                # the provenance of a controller that builds none
     thresholds = Thresholds(**threshold_values(values))
     from .specs import register_builtin_specs
     config.hook.pytest_harness_register_metrics(registry=register_builtin_specs())
-    config.stash[_SESSION] = HarnessSession(options, thresholds)
+    config.stash[_SESSION] = HarnessSession(options, thresholds, progress=_progress(config, worker))
     config.stash[_RUN] = BenchmarkRun(config={
         "editors": options.editors, "model": options.model, "dataset": options.dataset, "n_cases": options.n_cases,
         "data_dir": options.data_dir, "hparam_overrides": options.hparams, "device": options.device,
         "dtype": options.dtype, "wild": options.wild, "fluency": options.fluency,
+        "seq_edits": options.seq_edits, "batch_size": options.batch_size, "ppl_schedule": options.ppl_schedule,
+        "wild_dataset": options.wild_dataset, "hard_dataset": options.hard_dataset,
         "hparams_files": {e: m.record() for e, m in hparams_files.items()}}, thresholds=thresholds)
     if worker is None:
         baseline = None
@@ -79,6 +87,31 @@ def pytest_configure(config: pytest.Config) -> None:
             except RunFileError as e:
                 raise pytest.UsageError(f"--baseline: {e}") from None
         config.pluginmanager.register(RunCollector(config, config.stash[_RUN], baseline), "harness-run-collector")
+
+
+def _canonical_editors(options: Any, hparams_files: dict[str, Any]) -> dict[str, Any]:
+    """Editor aliases resolved once, at start-up (harness/editor_aliases.py): ``--editor ft`` runs as ``ft_l``, so
+    its tests, records and provenance carry one name; ``--hparams-file`` keys likewise (two files for one editor
+    under two names are a usage error). Returns ``hparams_files`` keyed by canonical names."""
+    from .editor_aliases import canonical_editor
+    options.editors = list(dict.fromkeys(canonical_editor(e) for e in options.editors))
+    out: dict[str, Any] = {}
+    for name, mapping in hparams_files.items():
+        if canonical_editor(name) in out:
+            raise pytest.UsageError(f"--hparams-file {name}=...: a second file for editor {canonical_editor(name)!r} "
+                                    f"({name} is another name for it)")
+        out[canonical_editor(name)] = mapping
+    options.hparams_file = [(canonical_editor(e), path) for e, path in options.hparams_file]
+    return out
+
+
+def _progress(config: pytest.Config, worker: dict | None):
+    """Where long steps report: pytest's terminal, past its capture (a bar on a terminal, start and end lines under
+    CI or a pipe); nothing from an xdist worker (its output is not shown)."""
+    from .progress import Progress, TerminalStream
+    if worker is not None:
+        return Progress.silent()
+    return Progress(TerminalStream(config), bars=False if os.environ.get("CI") else None)
 
 
 _PREVIOUS_SIGTERM = pytest.StashKey[Any]()
@@ -279,7 +312,8 @@ class RunCollector:
         from .provenance import collect
         try:
             model = next((r.get("model") for r in self.run.records if r.get("model")), None)
-            self.run.provenance = collect(self.config.stash[_SESSION], model)
+            self.run.provenance = collect(self.config.stash[_SESSION], model,
+                                          hparams_files=self.config.stash.get(_HPARAMS_FILES, None))
         except Exception as e:  # noqa: BLE001 - the records matter more than their provenance
             self.run.provenance = {"error": f"{type(e).__name__}: {e}"}
         data = self.run.to_json()
@@ -293,11 +327,17 @@ class RunCollector:
         report_dir = Path(_report_dir(self.config))
         try:
             path = self.run.write(report_dir, data)
-        except OSError as e:
-            fallback = fallback_report_dir()
-            path = self.run.write(fallback, data)
-            self.paths.append(Path(f"(report dir {report_dir} cannot be written: {e.strerror or e}; "
-                                   f"the run was written to {fallback} instead)"))
+        except OSError as e:            # nothing was published there (both files are written before either is renamed)
+            try:
+                fallback = fallback_report_dir()
+                path = self.run.write(fallback, data)
+            except OSError as e2:
+                self.paths.append(Path(f"(the run JSON could not be written: report dir {report_dir}: "
+                                       f"{e.strerror or e}; temporary folder: {e2.strerror or e2}; its results are "
+                                       "only in this summary)"))
+                return
+            self.paths.append(Path(f"(report dir {report_dir} cannot be written: {e.strerror or e}; the run JSON "
+                                   f"could not be written there and was written to {fallback} instead)"))
             report_dir = fallback
         self.paths.append(path)
         try:
@@ -322,7 +362,7 @@ class RunCollector:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        tr = terminalreporter
+        tr = _SafeTerminal(terminalreporter)     # run-provided text (ids, subjects, names, messages)
         comparison = self.comparison
         if comparison is not None:
             tr.section("comparison with baseline")
@@ -347,6 +387,29 @@ class RunCollector:
             tr.write_line(f"--skip-invalid: {skipped} (listed in the run JSON's provenance.dataset.skipped)")
         for p in self.paths:
             tr.write_line(f"report: {p}")
+
+
+# C0 and C1 control characters (ESC starts ANSI sequences; CR, BS rewrite the line) and the bidirectional overrides:
+# text from a run (case ids, subjects, editor names, messages, paths) is shown escaped, never acted on by a terminal
+_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: Any) -> str:
+    """``text`` for the terminal: every control character (newlines aside) as its Python escape (``\\x1b``)."""
+    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), str(text))
+
+
+class _SafeTerminal:
+    """The terminal reporter with every line passed through :func:`terminal_safe`."""
+
+    def __init__(self, tr: Any):
+        self._tr = tr
+
+    def section(self, title: str, *args: Any, **kw: Any) -> None:
+        self._tr.section(terminal_safe(title), *args, **kw)
+
+    def write_line(self, line: Any, **kw: Any) -> None:
+        self._tr.write_line(terminal_safe(line), **kw)
 
 
 def _short_message(report: pytest.TestReport) -> str:

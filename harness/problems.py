@@ -24,6 +24,7 @@ a window of layers) and pairs the edit success (the rewrite score) with the fact
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
@@ -89,6 +90,17 @@ def known_cases(lm: LoadedModel, cases: Sequence[EditCase], limit: int | None = 
     """The cases whose ``target_true`` the model predicts (top-1 first token) on the rewrite prompt, in order."""
     return first_known(lm, [c for c in cases if c.target_true], lambda c: c.rewrite_prompt, lambda c: c.target_true,
                        limit)
+
+
+def why_no_known_cases(cases: Sequence[EditCase], dataset: str) -> str:
+    """One line saying why ``known_cases`` found none of ``cases`` (the whole of ``dataset``) and what to pass."""
+    with_truth = [c for c in cases if c.target_true]
+    if not with_truth:
+        return (f"no known cases: none of the {len(cases)} cases of --dataset {dataset} has a true answer "
+                "(target_true) for the model to know; use a dataset with one (builtin, or counterfact with --data-dir)")
+    return (f"no known cases: the model predicts (top-1) the true answer of none of the {len(with_truth)} cases of "
+            f"--dataset {dataset} that have one, so there is no known fact to edit; use a bigger model or a dataset "
+            "with more facts it knows (counterfact with --data-dir)")
 
 
 # --- problem construction -----------------------------------------------------------------------------------
@@ -252,8 +264,16 @@ class SweepResult:
         return localization_r2(self.layers * len(self.case_ids), xs, ys)
 
     def metrics(self, kind: str = "hidden") -> dict[str, Any]:
-        """Run-JSON metrics: per-layer means, the R^2 comparison, and the per-fact tables."""
-        mean_over = (lambda rows: [float(np.mean([r[i] for r in rows])) for i in range(len(self.layers))])
+        """Run-JSON metrics: per-layer means, the R^2 comparison, and the per-fact tables. Means, maxima and fits
+        are taken over the defined values only: a layer no fact has a value for is None, and so are the best layer,
+        its success and the R^2 of a sweep without facts (the verdict says why), never NaN."""
+        def mean_over(rows: Sequence[Sequence[float]]) -> list[float | None]:
+            out = []
+            for i in range(len(self.layers)):
+                values = [float(r[i]) for r in rows if r[i] is not None and math.isfinite(r[i])]
+                out.append(float(np.mean(values)) if values else None)
+            return out
+
         out: dict[str, Any] = {
             "layers": self.layers, "window": self.window,
             "tracing_effect": mean_over(self.tracing[kind]), "edit_success": mean_over(self.edit_success),
@@ -266,11 +286,18 @@ class SweepResult:
         for k in self.tracing:
             if k != kind:
                 out[f"r2_tracing_{k}"] = self.r2(k)["r2_tracing"]
-        success = out["edit_success"]
-        out["best_layer"] = self.layers[int(np.argmax(success))]
-        out["best_edit_success"] = float(max(success))
-        out["peak_tracing_layer"] = self.layers[int(np.argmax(out["tracing_effect"]))]
+        best = _argmax_defined(out["edit_success"])
+        out["best_layer"] = None if best is None else self.layers[best]
+        out["best_edit_success"] = None if best is None else out["edit_success"][best]
+        peak = _argmax_defined(out["tracing_effect"])
+        out["peak_tracing_layer"] = None if peak is None else self.layers[peak]
         return out
+
+
+def _argmax_defined(values: Sequence[float | None]) -> int | None:
+    """Index of the largest defined value (first on ties), or None when there is none."""
+    defined = [(v, -i) for i, v in enumerate(values) if v is not None]
+    return -max(defined)[1] if defined else None
 
 
 class LayerSweep:

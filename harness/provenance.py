@@ -6,8 +6,9 @@ anything new (no model load at the end of a run: what the session never loaded i
 out). The result is the run JSON's ``provenance`` (docs/run-json.md):
 
 * ``harness``: package version, git commit of the harness source tree and whether it had uncommitted changes;
-* ``editors``: per editor, the resolved hyper-parameters, the YAML files they came from (with sha256) and the
-  ``--hparam`` overrides;
+* ``editors``: per editor, the resolved hyper-parameters, the YAML files they came from (with sha256), the
+  ``--hparam`` overrides and how the edited layer(s) were chosen (``layers``: family file, depth rule, override);
+* ``architecture``: the edited modules and how they were found (adapter table, structure, ``--arch-override``);
 * ``dataset``: the spec asked for, its kind, the file resolved (with sha256), number and ids of the cases;
 * ``corpora``: the perplexity and key-statistics texts: spec, file, sha256, texts and tokens actually used;
 * ``seeds``: every seed that shapes the numbers.
@@ -105,22 +106,83 @@ def editor_provenance(editor: str, hparams: Any, family: str | None, overrides: 
             "files": [file_entry(p, hparams_dir.parent) for p in hparam_files(editor, family, hparams_dir)]}
 
 
-def resolve_editor(editor: str, overrides: Sequence[str], family: str | None, n_layers: int | None,
-                   built: Any = None) -> dict[str, Any]:
-    """Provenance of ``editor``: from the instance the session built (``built``), else resolved from the files
-    the way ``build_editor`` does, without a model. A failure is recorded, not raised (the run is over)."""
-    from .editors.base import HPARAMS_DIR, load_hparams, parse_hparam_overrides
+def editor_code(cls: type) -> dict[str, Any]:
+    """The code identity of an editor class: for an editor loaded from an installed package's ``harness.editors``
+    entry point, the package and its version (and the entry point); always the sha256 of the source files of the
+    class and of the editor classes it derives from (``files``; relative to the harness when inside it) and one
+    ``sha256`` over them, so that a change to an editor's code is seen by a comparison."""
+    import inspect
+
+    from .editors.base import Editor
     from .editors.base import registry as editors
 
+    out: dict[str, Any] = {}
+    ep = editors.entry_point(getattr(cls, "name", ""))
+    if ep is not None and ep.value.split(":")[0] == cls.__module__:
+        dist = getattr(ep, "dist", None)
+        out.update({"package": getattr(dist, "name", None), "version": getattr(dist, "version", None),
+                    "entry_point": f"{ep.name} = {ep.value}"})
+    files: list[dict[str, Any]] = []
+    for klass in cls.__mro__:
+        if klass is Editor or not (isinstance(klass, type) and issubclass(klass, Editor)):
+            continue
+        try:
+            path = Path(inspect.getfile(klass))
+        except (TypeError, OSError):
+            continue
+        entry = file_entry(path, SOURCE_ROOT)
+        if entry not in files:
+            files.append(entry)
+    out["files"] = files
+    joined = "".join(f"{f['path']}:{f['sha256']}" for f in files)
+    out["sha256"] = hashlib.sha256(joined.encode()).hexdigest() if files else None
+    return out
+
+
+def resolve_editor(editor: str, overrides: Sequence[str], family: str | None, n_layers: int | None,
+                   built: Any = None, hparams_file: Any = None) -> dict[str, Any]:
+    """Provenance of ``editor``: from the instance the session built (``built``), else resolved from the files
+    the way ``build_editor`` does, without a model. A failure is recorded, not raised (the run is over)."""
+    from .editors.base import HPARAMS_DIR, hparams_files, layer_choice, load_hparams, parse_hparam_overrides
+    from .editors.base import registry as editors
+
+    cls = None
     try:
         cls = type(built) if built is not None else editors.get(editor)
         parsed = parse_hparam_overrides(list(overrides), cls)
-        hp = built.hparams if built is not None else load_hparams(cls, family or "default", parsed, n_layers=n_layers)
+        if built is not None:
+            hp = built.hparams
+        elif hparams_file is not None:           # --hparams-file: as HarnessSession.new_editor builds it
+            hp = _mapped(hparams_file, cls, n_layers).build(cls, family or "default", n_layers=n_layers,
+                                                            overrides=parsed)
+        else:
+            hp = load_hparams(cls, family or "default", parsed, n_layers=n_layers)
         out = editor_provenance(editor, hp, family, parsed, HPARAMS_DIR)
+        if hparams_file is not None:             # what the EasyEdit file became, and the file itself
+            out["hparams_file"] = {**hparams_file.record(), "sha256": sha256_file(hparams_file.path)}
+        # the files load_hparams read (the editor's hparams folder, a FAMILY_FALLBACK family's file)
+        out["files"] = [file_entry(p, HPARAMS_DIR.parent) for p in hparams_files(cls, family or "default")]
         out["class"] = f"{cls.__module__}:{cls.__qualname__}"
+        out["code"] = editor_code(cls)
+        if layer_choice(hp) is not None:             # how the layer(s) were chosen: file, depth rule or override
+            out["layers"] = layer_choice(hp)
         return out
     except Exception as e:  # noqa: BLE001 - provenance is best effort once the tests have run
-        return {"hparams": None, "files": [], "error": f"{type(e).__name__}: {e}"}
+        out = {"hparams": None, "files": [], "error": f"{type(e).__name__}: {e}"}
+        if cls is not None:
+            try:
+                out["code"] = editor_code(cls)
+            except Exception:  # noqa: BLE001
+                pass
+        return out
+
+
+def _mapped(mapping: Any, cls: type, n_layers: int | None) -> Any:
+    """An ``--hparams-file`` mapping read (as at start-up) for the model's depth, as the session reads it."""
+    if n_layers is None:
+        return mapping
+    from .editors.easyedit_hparams import map_easyedit_hparams
+    return map_easyedit_hparams(mapping.path, cls, n_layers=n_layers, warn=False)
 
 
 # --------------------------------------------------------------------------- data
@@ -136,6 +198,10 @@ def dataset_file(spec: str, data_dir: str | os.PathLike[str] | None) -> tuple[st
         return spec, (root / NAMED_SETS[spec]) if root is not None else None
     if spec.startswith("hf:"):
         return "hub", None
+    from .data.loaders import PREFIX_LOADERS
+    prefix, sep, rest = spec.partition(":")
+    if sep and rest and prefix in PREFIX_LOADERS:      # ``knowedit:FILE``: the file after the prefix, as load_cases
+        return prefix, Path(rest).expanduser()
     return "file", Path(spec).expanduser()
 
 
@@ -183,7 +249,11 @@ def corpus_setting(corpus: Any) -> dict[str, Any]:
 
 
 def corpus_provenance(spec: str, data_dir: str | os.PathLike[str] | None, **used: Any) -> dict[str, Any]:
-    """Spec, file and sha256 of a corpus, plus what was used of it (``texts=``, ``tokens=``, ...)."""
+    """Spec, file and sha256 of a corpus, plus what was used of it (``texts=``, ``tokens=``, ...). An ``hf:`` corpus
+    records name/config/split/column and, for a folder saved with datasets, its fingerprint and data files' sha256."""
+    if str(spec).startswith("hf:"):
+        from .data.hub import hf_provenance
+        return {"spec": spec, **hf_provenance(spec), **used}
     path = corpus_file(spec, data_dir)
     return {"spec": spec, "path": str(path) if path is not None else None, "sha256": sha256_file(path), **used}
 
@@ -204,18 +274,25 @@ def stats_tokens_used(stats: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- the session
-def collect(session: Any, model: dict[str, Any] | None = None) -> dict[str, Any]:
+def collect(session: Any, model: dict[str, Any] | None = None,
+            hparams_files: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run's provenance from a ``HarnessSession`` (read-only: nothing is loaded that the run did not load).
     ``model`` is the run's model identity (family, n_layers) when the session never loaded the model itself,
-    as on an xdist controller."""
+    as on an xdist controller. ``hparams_files``: editor -> what its ``--hparams-file`` became (the plugin's
+    start-up mapping); without it an editor the session never built is resolved without its file."""
     o = session.options
     lm = getattr(session, "_lm", None)
     identity = dict(getattr(lm, "identity", None) or model or {})
     built = getattr(session, "_editors", None) or {}
+    files = hparams_files or {}
     editors = {name: resolve_editor(name, o.hparams, identity.get("family"), identity.get("n_layers"),
-                                    built.get(name)) for name in o.editors}
-    return {"harness": harness_provenance(), "editors": editors, "dataset": _session_dataset(session),
-            "corpora": _session_corpora(session), "seeds": _session_seeds(session, editors)}
+                                    built.get(name), files.get(name)) for name in o.editors}
+    out = {"harness": harness_provenance(), "editors": editors, "dataset": _session_dataset(session),
+           "corpora": _session_corpora(session), "seeds": _session_seeds(session, editors)}
+    adapter = getattr(lm, "adapter", None)
+    if hasattr(adapter, "describe"):                 # the edited modules and how they were found (table/structure)
+        out["architecture"] = adapter.describe()
+    return out
 
 
 def _session_dataset(session: Any) -> dict[str, Any]:
@@ -249,8 +326,12 @@ def _session_corpora(session: Any) -> dict[str, Any]:
             getattr(stats, "corpus_name", str(o.stats_corpus)), o.data_dir,
             tokens_requested=getattr(stats, "n_tokens", o.stats_tokens), tokens_used=stats_tokens_used(stats),
             layers=sorted(getattr(stats, "_mem", {}) or []))
+        if out["statistics"].get("sha256") is None and hasattr(stats, "corpus_digest"):
+            # model samples: the digest of what they were sampled with (their cache key), as the statistics use
+            out["statistics"]["sha256"] = stats.corpus_digest()
     else:
-        out["statistics"] = {"spec": str(o.stats_corpus), "tokens_requested": o.stats_tokens, "used": False}
+        out["statistics"] = {"spec": str(o.stats_corpus), "used": False,
+                             "tokens_requested": "auto" if o.stats_tokens is None else o.stats_tokens}
     return out
 
 

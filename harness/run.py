@@ -62,22 +62,69 @@ def new_run_id() -> str:
     return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a unique temporary file in the same folder and an atomic rename, so a
-    reader never sees a half-written file and concurrent writers never share a temporary name."""
-    path = Path(path)
+def default_file_mode() -> int:
+    """The mode a plainly created file gets: ``0o666`` less the process's umask (``mkstemp`` alone gives 0600, which
+    a shared report folder or a web server cannot read)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_temp(path: Path, text: str) -> str:
+    """``text`` in a unique temporary file beside ``path`` (fsync'd, usual mode); returns its name. A failure
+    leaves no temporary file behind."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), default_file_mode())
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
+    return tmp
+
+
+def atomic_write_texts(files: dict[Path, str]) -> list[Path]:
+    """Write several files as one: every temporary file is written (and fsync'd) first, and only then are they
+    renamed into place, in order. If any write fails, none is published; if a rename fails, the files already
+    renamed that did not exist before are removed again. Each file gets the usual mode (``default_file_mode``)."""
+    paths = [Path(p) for p in files]
+    temps: list[str] = []
+    try:
+        for path, text in zip(paths, files.values()):
+            temps.append(_write_temp(path, text))
+    except BaseException:
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    published: list[Path] = []
+    try:
+        for path, tmp in zip(paths, temps):
+            existed = path.exists()
+            os.replace(tmp, path)
+            if not existed:
+                published.append(path)
+    except BaseException:
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        for path in published:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    return paths
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a unique temporary file in the same folder and an atomic rename, so a
+    reader never sees a half-written file and concurrent writers never share a temporary name. The file gets the
+    usual mode (``0o666`` less the umask), as a plain ``open`` would give it."""
+    return atomic_write_texts({Path(path): text})[0]
 
 
 @dataclass
@@ -116,12 +163,13 @@ class BenchmarkRun:
         })
 
     def write(self, report_dir: Path, data: dict[str, Any] | None = None, **kw) -> Path:
-        """Write ``run-<id>.json`` and refresh ``latest.json`` (each atomically); returns the run file."""
+        """Write ``run-<id>.json`` and refresh ``latest.json`` as one (``atomic_write_texts``: both written before
+        either is renamed, so a full disk never leaves a new run file beside an older latest.json); returns the run
+        file."""
         report_dir = Path(report_dir)
         report_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(data if data is not None else self.to_json(**kw), indent=1)
-        path = atomic_write_text(report_dir / f"run-{self.run_id}.json", text)
-        atomic_write_text(report_dir / "latest.json", text)
+        path, _ = atomic_write_texts({report_dir / f"run-{self.run_id}.json": text, report_dir / "latest.json": text})
         return path
 
 

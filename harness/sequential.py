@@ -15,6 +15,7 @@ lock beside it); the weights are restored at the end and checked by digest.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -35,7 +36,14 @@ from .metrics.norms import l1_norm, norm_growth, total_l1, weight_norms
 from .models.loading import LoadedModel
 from .models.snapshot import WeightSnapshot, param_digest
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3     # 3: the run key's parts are stored (a refused resume names what differs)
+
+# The parts of a run's key, as a refused resume names them: a checkpoint is resumed only when all of them are equal.
+KEY_PART_NAMES = {"editor": "editor", "model": "model (fingerprint)", "case_ids": "case ids",
+                  "cases": "the cases' content (the dataset file changed?)", "batch_size": "--batch-size",
+                  "ppl_schedule": "--ppl-schedule", "hparams": "the editor's hyper-parameters", "wild": "--wild",
+                  "ppl_texts": "the perplexity texts (--ppl-texts / --ppl-corpus)",
+                  "stats": "the key-statistics corpus or tokens (--stats-corpus / --stats-tokens)"}
 
 
 def schedule_points(n_steps: int, spec: str = "every") -> list[int]:
@@ -202,6 +210,57 @@ def _content_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+def _digest(obj: Any) -> str:
+    """SHA-256 of a JSON rendering of ``obj`` (keys sorted; what JSON cannot hold, as its str)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cases_digest(cases: Sequence[EditCase]) -> str:
+    """SHA-256 of the cases' content: every field, ``extra`` (a format's own data: KnowEdit portability, ...) too."""
+    return _digest([dataclasses.asdict(c) for c in cases])
+
+
+def texts_digest(texts: Sequence[str] | None) -> str | None:
+    """SHA-256 of a list of texts (None: not given)."""
+    return None if texts is None else _digest(list(texts))
+
+
+def stats_identity(stats: Any) -> dict[str, Any] | None:
+    """What an editor's key statistics (a ``harness.stats.LayerStats``) are computed from: corpus name, resolved
+    token count and the corpus's content digest; None for an editor without statistics."""
+    if stats is None:
+        return None
+    out = {"corpus": getattr(stats, "corpus_name", None), "n_tokens": getattr(stats, "n_tokens", None)}
+    digest = getattr(stats, "corpus_digest", None)
+    if callable(digest):
+        try:
+            out["corpus_sha256"] = digest()
+        except Exception as e:  # noqa: BLE001 - an unreadable corpus fails the editor that needs it, not this key
+            out["corpus_sha256"] = f"unreadable ({_first_line(e)[:80]})"
+    return out
+
+
+def run_key_parts(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *, batch_size: int,
+                  ppl_schedule: str, wild: bool, ppl_texts: Sequence[str] | None) -> dict[str, Any]:
+    """Everything that makes two sequential runs' records comparable (``KEY_PART_NAMES``)."""
+    return {"editor": editor.name, "model": lm.identity.get("fingerprint"),
+            "case_ids": [c.case_id for c in cases], "cases": cases_digest(cases), "batch_size": batch_size,
+            "ppl_schedule": ppl_schedule, "hparams": editor.describe()["hparams"], "wild": bool(wild),
+            "ppl_texts": texts_digest(ppl_texts), "stats": stats_identity(getattr(editor, "stats", None))}
+
+
+def _key_difference(saved: Any, now: dict[str, Any]) -> str:
+    """The refusal of a checkpoint written with other settings, naming the settings that differ."""
+    if isinstance(saved, dict):
+        names = [KEY_PART_NAMES.get(k, k) for k in KEY_PART_NAMES.keys() | now.keys() | saved.keys()
+                 if _digest(saved.get(k)) != _digest(now.get(k))]
+        what = ", ".join(sorted(names)) or "the run key"
+    else:
+        what = "unknown settings"
+    return (f"checkpoint of a run with other settings ({what} differ); to resume it, rerun with its original "
+            "settings")
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a unique temporary file, fsync'd, then renamed over it."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -220,7 +279,8 @@ class SequentialRun:
 
     def __init__(self, lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *,
                  perplexity: Callable[[], float], ppl_base: float, journal_dir: Path, batch_size: int = 1,
-                 ppl_schedule: str = "every", resume: bool = False, progress: bool = False, wild: bool = False):
+                 ppl_schedule: str = "every", resume: bool = False, progress: bool = False, wild: bool = False,
+                 ppl_texts: Sequence[str] | None = None):
         if batch_size > 1 and not editor.supports_batch:
             raise ValueError(f"editor {editor.name!r} edits one case at a time; use --batch-size 1")
         self.lm, self.editor, self.cases = lm, editor, list(cases)
@@ -229,11 +289,13 @@ class SequentialRun:
         self.batches = [self.cases[i:i + batch_size] for i in range(0, len(self.cases), batch_size)]
         self.ppl_points = set(schedule_points(len(self.cases), ppl_schedule))
         # everything that makes two runs' records comparable: a journal is only ever resumed by the same run
-        self.key = hashlib.sha256(json.dumps([editor.name, lm.identity.get("fingerprint"),
-                                              [c.case_id for c in cases], batch_size, ppl_schedule,
-                                              editor.describe()["hparams"], bool(wild)],
-                                             default=str).encode()).hexdigest()
-        self.journal = Path(journal_dir) / f"{editor.name}-{self.key[:12]}.jsonl"
+        self.key_parts = run_key_parts(lm, editor, self.cases, batch_size=batch_size, ppl_schedule=ppl_schedule,
+                                       wild=wild, ppl_texts=ppl_texts)
+        self.key = _digest(self.key_parts)
+        # the journal is named by the stream (editor, model, case ids), not by the whole key: a resume with other
+        # settings finds the earlier run's checkpoint and is refused naming what differs, instead of starting afresh
+        stream = _digest([editor.name, lm.identity.get("fingerprint"), [c.case_id for c in self.cases]])
+        self.journal = Path(journal_dir) / f"{editor.name}-{stream[:12]}.jsonl"
         self.checkpoint = self.journal.with_suffix(".pt")
         self.lock = JournalLock(self.journal)
         # an in-context editor's prefix after the latest edit (IKE): every score and perplexity of the stream reads
@@ -268,7 +330,7 @@ class SequentialRun:
         if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
             return "checkpoint of another format (an older harness version?)"
         if ck.get("run_key") != self.key:
-            return "checkpoint of another run configuration"
+            return _key_difference(ck.get("run_key_parts"), self.key_parts)
         weights = ck.get("weights")
         if not isinstance(weights, dict) or sorted(weights) != sorted(names):
             return f"checkpoint holds other weights than {names}"
@@ -285,7 +347,8 @@ class SequentialRun:
         weights = {n: params[n].detach().cpu().clone() for n in names}
         tmp = self.checkpoint.with_name(f"{self.checkpoint.name}.{os.getpid()}.tmp")
         try:
-            payload = {"format": CHECKPOINT_FORMAT, "run_key": self.key, "n_batches": len(lines),
+            payload = {"format": CHECKPOINT_FORMAT, "run_key": self.key,
+                       "run_key_parts": json.loads(json.dumps(self.key_parts, default=str)), "n_batches": len(lines),
                        "journal": list(lines), "weights": weights, "editor_state": self.editor.state()}
             torch.save({**payload, "sha256": _content_digest(payload)}, tmp)
             with open(tmp, "rb+") as f:

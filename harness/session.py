@@ -10,13 +10,15 @@ from typing import Any
 from .data import EditCase, default_ppl_corpus, default_stats_corpus, load_cases, load_texts, resolve_data_dir
 from .data.pool import default_train_pool
 from .editors import Editor, build_editor
+from .editors.common import AheadPlan
 from .metrics import perplexity
 from .metrics.perplexity import PerplexityResult
 from .models import LoadedModel, load_model, parse_override
-from .models.loading import default_cache_dir
+from .models.loading import EMBEDDED, default_cache_dir
 from .options import Options
+from .progress import Progress
 from .run import machine_info
-from .stats import LayerStats
+from .stats import TEXT_CORPUS_TOKENS, LayerStats
 from .thresholds import Thresholds
 
 __all__ = ["HarnessSession", "ModelUnavailable", "Options"]
@@ -30,9 +32,10 @@ class HarnessSession:
     """Lazily loads what tests ask for, once, and keeps it for the session (restores are bit-exact, so references
     measured on the unedited model stay valid)."""
 
-    def __init__(self, options: Options, thresholds: Thresholds | None = None):
+    def __init__(self, options: Options, thresholds: Thresholds | None = None, progress: Progress | None = None):
         self.options = options
         self.thresholds = thresholds or Thresholds()
+        self.progress = progress or Progress(enabled=options.progress)   # long steps (load, sampling, statistics)
         self._lm: LoadedModel | None = None
         self._load_error: ModelUnavailable | None = None
         self._stats: LayerStats | None = None
@@ -41,6 +44,7 @@ class HarnessSession:
         self._editors: dict[str, Editor] = {}
         self._cases: list[EditCase] | None = None
         self._diversity_sets: dict | None = None   # diversity suite: kind -> DiversitySet
+        self._tokenizer_probe: tuple | None = None  # (tokenizer, context) read without the weights, () if unreadable
         self._machine: dict[str, Any] | None = None
         self._tracer = None             # localization: the CausalTracer, and traces memoised per case
         self._traces: dict[tuple[str, str], Any] = {}
@@ -50,8 +54,8 @@ class HarnessSession:
         self._generation_pre: dict[tuple[str, str], Any] = {}  # fluency / consistency of the unedited model per case
         self._tfidf = None              # consistency: the TF-IDF vectorizer (CounterFact texts), fit once
         self._ppl_below: dict[int, Any] = {}   # perplexity after a layer-L edit: blocks below L, once per session
-        self._single_plan: dict[str, list[EditCase]] = {}   # editor -> its planned single edits, in run order
-        self._single_cursor: dict[str, int] = {}             # editor -> where its next planned edit is looked for
+        self._ahead = AheadPlan(options.vstar_batch)   # --vstar-batch: the single edits planned, v* ahead
+        self._guard_seen = 0            # editing.violations(model) when the session's model caches were last valid
 
     # --- the model and what is derived from it -------------------------------------------------------------
     @property
@@ -66,9 +70,14 @@ class HarnessSession:
         if self._lm is None:
             o = self.options
             try:
-                self._lm = load_model(o.model, device=o.device, dtype=o.dtype, device_map=o.device_map,
-                                      cache_dir=self.cache_dir, trust_remote_code=o.trust_remote_code,
-                                      arch_override=parse_override(o.arch_override))
+                gguf = o.model in EMBEDDED or str(o.model).endswith(".gguf")
+                with self.progress.step(f"loading model {o.model}",
+                                        note="its GGUF is de-quantized once, then cached" if gguf else ""):
+                    self._lm = load_model(o.model, device=o.device, dtype=o.dtype, device_map=o.device_map,
+                                          cache_dir=self.cache_dir, trust_remote_code=o.trust_remote_code,
+                                          arch_override=parse_override(o.arch_override))
+                from .editing import register_source
+                register_source(self._lm.model, self._pristine_source())
             except Exception as e:  # noqa: BLE001 - any failure to load is reported once, in one line
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 prefix = f"--model {o.model}: "
@@ -82,9 +91,11 @@ class HarnessSession:
             name = self.options.stats_corpus
             if name == "auto":
                 name = default_stats_corpus(self.options.data_dir)
-            self._stats = LayerStats(self.lm, lambda: load_texts(name, data_dir=self.options.data_dir), name,
+            chars = 16 * (self.options.stats_tokens or TEXT_CORPUS_TOKENS)   # an hf: corpus is read only this far
+            self._stats = LayerStats(self.lm, lambda: load_texts(name, data_dir=self.options.data_dir,
+                                                                 max_chars=chars), name,
                                      n_tokens=self.options.stats_tokens, cache_dir=self.cache_dir,
-                                     progress=self.options.progress)
+                                     progress=self.progress)
         return self._stats
 
     def editor(self, name: str) -> Editor:
@@ -111,33 +122,44 @@ class HarnessSession:
             hp = mapping.build(cls, self.lm.adapter.family, n_layers=self.lm.n_layers,
                                overrides=parse_hparam_overrides(overrides, cls))
             editor = cls(hp, stats=self.stats)
-        k = self.options.vstar_batch
-        if hasattr(editor, "value_batch"):      # a MEMIT-family edit of several cases: its z in chunks of k
-            editor.value_batch = k
-        if hasattr(editor, "ahead"):            # single edits: the next k cases' v* together
-            editor.ahead.batch = k
+        self.ahead.configure(editor)            # Capabilities.values_ahead: the next k cases' v* together
         return editor
 
+    def _pristine_source(self):
+        """The model's pristine tensors, read from its files again when the edit guard must put back a tensor an
+        editor left written (``harness.editing.register_source``); each tensor read once per session."""
+        held: dict[str, Any] = {}
+
+        def source(names):
+            missing = [n for n in names if n not in held]
+            if missing:
+                o = self.options
+                fresh = load_model(o.model, device="cpu", dtype=o.dtype, cache_dir=self.cache_dir,
+                                   trust_remote_code=o.trust_remote_code,
+                                   arch_override=parse_override(o.arch_override)).model
+                tensors = {**dict(fresh.named_buffers()), **dict(fresh.named_parameters())}
+                held.update({n: tensors[n].detach().clone() for n in missing if n in tensors})
+                del fresh, tensors
+            return {n: held[n] for n in names if n in held}
+        return source
+
     # --- single edits planned ahead (``--vstar-batch``) -------------------------------------------------------
+    @property
+    def ahead(self) -> AheadPlan:
+        """The owner of ``--vstar-batch``: the planned single edits, the v* batches and their time sharing."""
+        if "_ahead" not in self.__dict__:       # a session built without __init__ (tests)
+            self._ahead = AheadPlan(getattr(getattr(self, "options", None), "vstar_batch", 1) or 1)
+        return self._ahead
+
     def plan_single_edits(self, order: list[tuple[str, EditCase]]) -> None:
         """The single edits this process will run, in order, each from the unedited model: (editor name, case) of
         the single-edit, HardEdit and locality tests after collection (the plugin's; none under xdist, where the
-        order is not known). An editor's v* of the next ones may then be optimised together (``ValuesAhead``)."""
-        self._single_plan = {}
-        for name, case in order:
-            self._single_plan.setdefault(name, []).append(case)
-        self._single_cursor = {}
+        order is not known). ``AheadPlan.plan``."""
+        self.ahead.plan(order)
 
     def next_single_edits(self, editor_name: str, case: EditCase, k: int) -> list[EditCase]:
-        """The ``k`` single edits planned for ``editor_name`` after this one of ``case`` (found at or after the
-        last one asked for; [] when ``case`` is not in the plan)."""
-        plan = self._single_plan.get(editor_name, [])
-        start = self._single_cursor.get(editor_name, 0)
-        at = next((i for i in range(start, len(plan)) if plan[i] == case), None)
-        if at is None:
-            return []
-        self._single_cursor[editor_name] = at + 1
-        return plan[at + 1:at + 1 + k]
+        """``AheadPlan.next``: the ``k`` single edits planned for ``editor_name`` after this one of ``case``."""
+        return self.ahead.next(editor_name, case, k)
 
     def hparams_file(self, name: str):
         """What editor ``name``'s ``--hparams-file`` became for the loaded model (None without one). Its module
@@ -165,6 +187,7 @@ class HarnessSession:
         cases = load_cases(spec or self.dataset_name(), data_dir=self.options.data_dir,
                            limit=self.options.n_cases if limit == -1 else limit,
                            skip_invalid=self.options.skip_invalid)
+        cases = self._fit_context(cases, spec or self.dataset_name())
         if spec is None and limit == -1:
             self._cases = cases
         return cases
@@ -175,9 +198,30 @@ class HarnessSession:
         if self._diversity_sets is None:
             from .data.diversity import load_diversity_sets
             o = self.options
-            self._diversity_sets = load_diversity_sets(self.dataset_name(), o.seq_edits, data_dir=o.data_dir,
-                                                       kinds=o.diversity_sets, skip_invalid=o.skip_invalid)
+            sets = load_diversity_sets(self.dataset_name(), o.seq_edits, data_dir=o.data_dir,
+                                       kinds=o.diversity_sets, skip_invalid=o.skip_invalid)
+            for kind, s in sets.items():       # every set shares its subjects: a case too long is not left out
+                self._fit_context(s.cases, f"{self.dataset_name()} ({kind} set)", strict=True)
+            self._diversity_sets = sets
         return self._diversity_sets
+
+    def _fit_context(self, cases, name: str, strict: bool = False):
+        """``cases`` checked against the model's context as they load (``harness.data.loaders.fit_context``): a case
+        whose prompt is too long is a one-line error naming it, or is left out with --skip-invalid (not when
+        ``strict``). Before the model is loaded its tokenizer and config are read without the weights
+        (``options.model_tokenizer``); where they cannot be (first run of a hub id or of a .gguf), ``strict`` loads
+        the model, else the check waits for a load with the model there (the sequential suite loads its stream in
+        the test; single edits refuse a too-long prompt when scoring before the edit)."""
+        from .data.loaders import fit_context
+        from .options import model_tokenizer
+        from .tokens import context_length
+        if self._lm is None and self._tokenizer_probe is None:
+            self._tokenizer_probe = model_tokenizer(self.options, self.cache_dir) or ()
+        if self._lm is None and not self._tokenizer_probe and not strict:
+            return cases
+        lm = self._lm if self._lm is not None or self._tokenizer_probe else self.lm
+        tokenizer, limit = (lm.tokenizer, context_length(lm.model)) if lm is not None else self._tokenizer_probe
+        return fit_context(cases, tokenizer, limit, name=name, skip_invalid=self.options.skip_invalid and not strict)
 
     def dataset_name(self) -> str:
         if self.options.dataset != "auto":
@@ -237,6 +281,10 @@ class HarnessSession:
     def _below_edit(self, edit):
         """The session's ``BelowLayer`` for ``edit``'s lowest written block, or None (no edit, hooks, a prompt
         prefix, or a written parameter outside the blocks)."""
+        from .editing import violations
+        if violations(self.lm.model) != getattr(self, "_guard_seen", 0):   # an editor left the model written:
+            self._ppl_below.clear()                                     # captured blocks may hold its trace
+            self._guard_seen = violations(self.lm.model)
         if edit is None or edit.undo is not None or edit.prompt_prefix or not edit.changed_parameters:
             return None
         layers = [self.lm.adapter.layer_of(n) for n in edit.changed_parameters]
@@ -251,7 +299,9 @@ class HarnessSession:
     def base_perplexity(self) -> PerplexityResult:
         """Perplexity of the unedited model, computed once per session."""
         if self._ppl_base is None:
-            self._ppl_base = self.perplexity()
+            with self.progress.step(f"perplexity of the unedited model ({self.ppl_corpus_name()}, "
+                                    f"{len(self.ppl_texts())} texts)", note="once per session"):
+                self._ppl_base = self.perplexity()
         return self._ppl_base
 
     def drift_reference(self):

@@ -15,6 +15,14 @@ if TYPE_CHECKING:
     from .protocols.base import Measurement
 
 
+# Checks of what a suite measured (not options: they hold for any model; each can fail and names what it saw).
+# Causal tracing: the probability with one layer's clean state restored (P noised + effect) lies between the noised and
+# the clean run's, up to this much (absolute probability; one restored state can overshoot the clean run a little).
+TRACE_RESTORED_TOLERANCE = 0.1
+# A correlation is a number in [-1, 1] (this much float slack) or undefined (None); never NaN or outside.
+CORRELATION_SLACK = 1e-9
+
+
 def _fmt(x: Any, spec: str = ".3f") -> str:
     return format(x, spec) if isinstance(x, (int, float)) else str(x)
 
@@ -24,7 +32,7 @@ class Thresholds:
     """What the suites assert; each field is an option and an ini value (``harness.options``)."""
 
     collapse_ppl_ratio: float = _D["collapse_ppl_ratio"]  # perplexity after / before at or above: collapse
-    min_efficacy: float = _D["min_efficacy"]              # a single edit must make P(new) > P(true) on its prompt
+    min_efficacy: float = _D["min_efficacy"]              # a single edit: P(new) > P(true), else rewrite_acc
     max_norm_growth: float = _D["max_norm_growth"]        # streams: edited layers' L1 after / before
     min_neighborhood: float = _D["min_neighborhood"]      # locality: neighborhood_retained
     max_kl: float = _D["max_kl"]                          # locality: mean KL(pre || post) on unrelated text, nats
@@ -45,11 +53,18 @@ class Thresholds:
                 "--collapse-ratio)"]
 
     def violations_single_edit(self, m: Measurement) -> list[str]:
+        """Collapse, and that the edit took: efficacy success (P(new) > P(true)) where the case has a true target,
+        else (QAEdit, KnowEdit recent / WikiBio: no ``target_true`` to compare with) the teacher-forced rewrite
+        accuracy of the new target, both against ``--min-efficacy``."""
         out = self._collapse(m.metrics["ppl_ratio"])
-        es = m.metrics.get("efficacy_success")
+        es, acc = m.metrics.get("efficacy_success"), m.metrics.get("rewrite_acc")
         if es is not None and es < self.min_efficacy:
             out.append(f"efficacy_success={es:.3f} < min_efficacy {self.min_efficacy} (edit did not take; "
                        "--min-efficacy)")
+        elif es is None and acc is not None and acc < self.min_efficacy:
+            out.append(f"rewrite_acc={acc:.3f} < min_efficacy {self.min_efficacy} (edit did not take: the new "
+                       "target's tokens are not the top predictions; the case has no true target to compare "
+                       "P(new) with; --min-efficacy)")
         return out + self._wild(m) + self._fluency(m)
 
     def _wild(self, m: Measurement) -> list[str]:
@@ -171,6 +186,12 @@ class Thresholds:
 
     def violations_layer_sweep(self, m: Measurement) -> list[str]:
         best = m.metrics["best_edit_success"]
+        if best is None:          # no defined success at any layer: nothing was swept
+            why = ("no case was swept: the model predicts the true answer of none of the dataset's cases, so no "
+                   "known fact can be edited; use a bigger model, more cases (--data-dir for CounterFact) or "
+                   "--sweep-facts" if not m.metrics.get("n_points") else "no swept layer has a defined success")
+            return [f"best_edit_success undefined (None): {why} (--min-sweep-success {self.min_sweep_success} "
+                    "cannot be checked)"]
         if best >= self.min_sweep_success:
             return []
         return [f"best_edit_success={best:.3f} (layer {m.metrics['best_layer']}) < min_sweep_success "
@@ -183,3 +204,41 @@ class Thresholds:
         return [f"rewrite_score={score:.3f} < min_rewrite_score {self.min_rewrite_score} ({m.info.get('problem')}: "
                 f"P(target) {m.metrics['p_target_pre']:.3f} -> {m.metrics['p_target_post']:.3f}; "
                 "--min-rewrite-score)"]
+
+    # --- checks of the results themselves (module constants above) ----------------------------------------------
+    def violations_tracing_results(self, m: Measurement) -> list[str]:
+        """A traced fact's numbers: P clean and P noised are probabilities, every effect is finite, and each restored
+        probability (P noised + effect) lies between P noised and P clean within ``TRACE_RESTORED_TOLERANCE``."""
+        g, tol = m.metrics, TRACE_RESTORED_TOLERANCE
+        out = [f"{k}={_fmt(g.get(k))} is not a probability" for k in ("p_clean", "p_corrupted")
+               if not (isinstance(g.get(k), (int, float)) and math.isfinite(g[k]) and 0.0 <= g[k] <= 1.0)]
+        if out:
+            return out
+        pc, pn = g["p_clean"], g["p_corrupted"]
+        lo, hi = min(pc, pn) - tol, max(pc, pn) + tol
+        for kind, effects in g["tracing_effect"].items():
+            bad = [(layer, e) for layer, e in enumerate(effects)
+                   if not (isinstance(e, (int, float)) and math.isfinite(e) and lo <= pn + e <= hi)]
+            if bad:
+                layer, e = bad[0]
+                restored = _fmt(pn + e if isinstance(e, (int, float)) else e)
+                out.append(f"{kind} tracing effect at layer {layer}: restored P={restored} is not between P noised "
+                           f"{pn:.3f} and P clean {pc:.3f} (+-{tol}; {len(bad)} of {len(effects)} layers)")
+        return out
+
+    def violations_diversity_results(self, m: Measurement, seq_edits: int) -> list[str]:
+        """The comparison across sets: every stream made ``seq_edits`` edits (``--seq-edits``), and every correlation
+        (across sets, and each stream's norm-accuracy one) is undefined (None) or a finite number in [-1, 1]."""
+        out = []
+        short = [f"{row.get('set')}: {row.get('n_edits')}" for row in m.metrics["diversity_table"]
+                 if row.get("n_edits") != seq_edits]
+        if short:
+            out.append(f"streams of other lengths than --seq-edits {seq_edits} ({', '.join(short)} edits)")
+        values = [(k, v) for k, v in m.metrics.items() if k.endswith(("_spearman", "_pearson"))]
+        values += [(f"{row.get('set')}.{k}", v) for row in m.metrics["diversity_table"] for k, v in row.items()
+                   if k.endswith(("_spearman", "_pearson"))]
+        for k, v in values:
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)
+                                      and -1 - CORRELATION_SLACK <= v <= 1 + CORRELATION_SLACK):
+                out.append(f"{k}={_fmt(v)} is not a correlation in [-1, 1] (nor undefined)")
+        return out

@@ -24,12 +24,14 @@ says little about where editing it works.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .editors.common import as_btd, restore_shape, token_grid
 from .tokens import encode_target
 from .models.loading import LoadedModel
 
@@ -203,9 +205,10 @@ class CausalTracer:
                 rows_t = torch.tensor(rows, device=dev)
 
                 def hook(_m, _inputs, output):
-                    out = _out(output).clone()
+                    raw = _out(output)                  # [n_rows, T, d], or [n_rows * T, d] (OPT's MLP)
+                    out = as_btd(raw, *token_grid(batch)).clone()               # [n_rows, T, d]
                     out[rows_t, token] = out[0, token]                   # row 0 is the clean run
-                    return _with(output, out)
+                    return _with(output, restore_shape(out, raw))
                 return hook
             try:
                 for layer, rows in by_layer.items():
@@ -264,6 +267,8 @@ def r_squared(y: np.ndarray, X: np.ndarray) -> float:
     """R^2 of the least-squares fit of y [n] on the columns of X [n, k] (X holds its own intercept/one-hot)."""
     y = np.asarray(y, dtype=float)
     X = np.asarray(X, dtype=float)
+    if y.size == 0:
+        return float("nan")          # no points: nothing to explain (and no NumPy warning)
     ss_tot = float(((y - y.mean()) ** 2).sum())
     if ss_tot == 0.0:
         return float("nan")          # y constant: nothing to explain
@@ -272,15 +277,25 @@ def r_squared(y: np.ndarray, X: np.ndarray) -> float:
     return 1.0 - ss_res / ss_tot
 
 
-def localization_r2(layers: Sequence[int], effects: Sequence[float], success: Sequence[float]) -> dict[str, float]:
+def localization_r2(layers: Sequence[int], effects: Sequence[float], success: Sequence[float]
+                    ) -> dict[str, float | None]:
     """Hase et al.'s comparison over (fact, layer) points: how much of the variance of edit success the tracing
     effect at the edited layer explains (``r2_tracing``: y ~ 1 + effect), against the layer alone (``r2_layer``:
-    y ~ one-hot(layer)) and both (``r2_both``)."""
-    layers, x, y = np.asarray(layers), np.asarray(effects, dtype=float), np.asarray(success, dtype=float)
-    if not len(layers) == len(x) == len(y):
-        raise ValueError(f"layers, effects and success differ in length: {len(layers)}, {len(x)}, {len(y)}")
+    y ~ one-hot(layer)) and both (``r2_both``). Points whose effect or success is undefined (None, NaN) are left
+    out; an R^2 with nothing to explain (no points, or the same success everywhere) is None, not NaN."""
+    if not len(layers) == len(effects) == len(success):
+        raise ValueError(f"layers, effects and success differ in length: {len(layers)}, {len(effects)}, "
+                         f"{len(success)}")
+    keep = [i for i in range(len(success)) if all(v is not None and math.isfinite(float(v))
+                                                  for v in (effects[i], success[i]))]
+    layers = np.asarray([layers[i] for i in keep], dtype=int)
+    x = np.asarray([effects[i] for i in keep], dtype=float)
+    y = np.asarray([success[i] for i in keep], dtype=float)
     one_hot = (layers[:, None] == np.unique(layers)[None, :]).astype(float)     # [n, n_distinct_layers]
-    return {"r2_tracing": r_squared(y, np.column_stack([np.ones_like(x), x])),
-            "r2_layer": r_squared(y, one_hot),
-            "r2_both": r_squared(y, np.column_stack([one_hot, x])),
+
+    def defined(r2: float) -> float | None:
+        return None if math.isnan(r2) else r2
+    return {"r2_tracing": defined(r_squared(y, np.column_stack([np.ones_like(x), x]))),
+            "r2_layer": defined(r_squared(y, one_hot)),
+            "r2_both": defined(r_squared(y, np.column_stack([one_hot, x]))),
             "n_points": len(y)}

@@ -62,6 +62,7 @@ class RenderResult:
     warnings: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)     # URLs of requests that would have used the network
     dom: str = ""                                         # document.documentElement.outerHTML after load
+    probe: Any = None                                     # the value of the ``probe`` expression, if one was given
 
     @property
     def ok(self) -> bool:
@@ -234,10 +235,12 @@ def _remote_object_text(obj: dict) -> str:
 
 def render(html: str | Path, png: str | Path | None, *, width: int = 1280, height: int = 900,
            full_page: bool = True, max_height: int = 6000, chromium: str | None = None,
-           timeout: float = 60.0, settle: float = 0.3) -> RenderResult:
+           timeout: float = 60.0, settle: float = 0.3, probe: str | None = None) -> RenderResult:
     """Load ``html`` from disk with no network, collect errors and the DOM, and save a PNG of the page (the
     whole page up to ``max_height`` CSS pixels with ``full_page``, else the ``width`` x ``height`` viewport).
-    ``png=None`` takes no screenshot. Raises RenderError when it cannot render at all."""
+    ``png=None`` takes no screenshot. ``probe``, a JavaScript expression, is evaluated in the loaded page (at the
+    ``width`` x ``height`` viewport, before the screenshot) and its JSON value kept as ``result.probe``; a probe
+    that throws is a RenderError. Raises RenderError when it cannot render at all."""
     path, url = _file_url(html)
     exe = _require_chromium(chromium)
     result = RenderResult(png=None)
@@ -295,6 +298,13 @@ def render(html: str | Path, png: str | Path | None, *, width: int = 1280, heigh
         dom = browser.call("Runtime.evaluate", {"expression": "document.documentElement.outerHTML",
                                                 "returnByValue": True}, session, on_event)
         result.dom = dom.get("result", {}).get("value", "")
+        if probe is not None:
+            got = browser.call("Runtime.evaluate", {"expression": probe, "returnByValue": True}, session, on_event)
+            if got.get("exceptionDetails"):
+                d = got["exceptionDetails"]
+                text = (d.get("exception") or {}).get("description") or d.get("text", "exception")
+                raise RenderError(f"the probe failed: {text.splitlines()[0]}")
+            result.probe = got.get("result", {}).get("value")
         if png is not None:
             metrics = browser.call("Page.getLayoutMetrics", {}, session, on_event)
             size = metrics.get("cssContentSize") or metrics.get("contentSize") or {}

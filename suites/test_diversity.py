@@ -31,3 +31,4 @@ def test_diversity_decline(harness, editor, record, streams):
     m = protocols.diversity_summary(mine)
     record.add(m)
     assert not (bad := harness.thresholds.violations_diversity_summary(m)), "; ".join(bad)
+    assert not (bad := harness.thresholds.violations_diversity_results(m, harness.options.seq_edits)), "; ".join(bad)

@@ -15,6 +15,7 @@ def test_causal_trace(harness, fact, record):
     if reason := harness.thresholds.untraceable(m):      # as in ROME, such facts are left out of the analysis
         pytest.skip(reason)
     assert not (bad := harness.thresholds.violations_tracing(m)), "; ".join(bad)
+    assert not (bad := harness.thresholds.violations_tracing_results(m)), "; ".join(bad)
 
 
 def test_layer_sweep(harness, editor_name, sweep_window, record):

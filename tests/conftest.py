@@ -3,6 +3,7 @@ every test runs offline in seconds."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,27 @@ from harness.models import from_pretrained_objects
 from harness.stats import LayerStats
 
 BUILTIN = Path(__file__).resolve().parents[1] / "harness" / "data" / "builtin"
+
+# tests that start pytest or harness processes on a model saved to disk (seconds each, most of the suite's time)
+_HEAVY_FIXTURES = {"pytester", "tiny_model_dir", "tiny_model_path"}
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n 2``): the processes a test starts (pytester, ``harness launch``) get this worker's
+    share of the cores, as the plugin gives the worker itself, instead of every core each (oversubscribed torch
+    threads spin and make a 2-core run slower than a serial one). An OMP_NUM_THREADS already set is kept."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(workers))))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist: the slow and process-starting tests first (a stable sort: same order on every worker), so
+    the workers share them out at the start instead of one worker finishing a long test alone at the end."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else
+                   1 if _HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) else 2)
 
 
 def _training_text() -> list[str]:

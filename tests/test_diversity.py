@@ -318,9 +318,11 @@ def test_norm_growth_and_diversity_verdicts():
 
 # ------------------------------------------------------------------------------------------------ the suite
 
-def _suite(pytester, model_dir, *extra):
+def _suite(pytester, model_dir, *extra, in_process=False):
+    """The suite in a fresh pytest process; ``in_process``: in this one, for the runs that stop at a usage error."""
     from .test_plugin import SUITES
-    return pytester.runpytest_subprocess(
+    run = pytester.runpytest if in_process else pytester.runpytest_subprocess
+    return run(
         str(SUITES / "test_diversity.py"), "--model", str(model_dir), "--device", "cpu",
         "--cache-dir", str(pytester.path / "cache"), "--report-dir", str(pytester.path / "reports"),
         "-p", "no:cacheprovider", "--stats-tokens", "2000", "--ppl-texts", "4", "--dataset", "builtin",
@@ -357,11 +359,11 @@ def test_diversity_suite_asserts_norm_growth_and_rejects_bad_sets(pytester, tiny
     result.assert_outcomes(failed=1, skipped=1)
     result.stdout.fnmatch_lines(["*norm_growth=* > max_norm_growth 0.001 (L1 norm of the edited layers * over 3 "
                                  "edits; --max-norm-growth)*"])
-    result = _suite(pytester, tiny_model_dir, "--diversity-sets", "colour")
+    result = _suite(pytester, tiny_model_dir, "--diversity-sets", "colour", in_process=True)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--diversity-sets colour: unknown set 'colour'; use some of yesno, choice, few, "
                                  "distinct (comma-separated) or all*"])
-    result = _suite(pytester, tiny_model_dir, "--seq-edits", "100")
+    result = _suite(pytester, tiny_model_dir, "--seq-edits", "100", in_process=True)
     assert result.ret != pytest.ExitCode.OK and "Traceback" not in result.stdout.str()
     result.stdout.fnmatch_lines(["*diversity suite: dataset 'builtin': only 36 of 40 cases have distinct targets*"])
 

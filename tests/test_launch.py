@@ -223,7 +223,8 @@ def _check_equal(merged: dict, unsharded: dict, shards: int, output: str) -> Non
     assert sum(r["suite"] == "sequential" for r in merged["records"]) == 2
 
 
-@pytest.mark.slow       # minutes: four pytest processes and a retry
+@pytest.mark.slow       # minutes: four pytest processes and a retry (tox -e tests-slow: --dist loadfile keeps this
+                        # module on one worker, so the module's unsharded run happens once)
 def test_local_sweep_with_a_killed_shard_equals_the_unsharded_run(unsharded, tiny_model_dir, tmp_path,
                                                                  monkeypatch, capsys):
     pytest.importorskip("submitit")

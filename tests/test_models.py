@@ -17,22 +17,32 @@ def test_adapters_find_modules(tiny_gpt2, tiny_llama):
     assert tiny_llama.adapter.weight_as_linear(tiny_llama.model, 0).shape == (64, 128)
 
 
-def test_unknown_architecture_error_and_override(tiny_llama):
+def test_unknown_model_type_is_found_by_structure_and_override_wins(tiny_llama):
     class Cfg:
         model_type = "mystery"
     model = tiny_llama.model
     real = model.config
     try:
-        model.config = Cfg()
-        with pytest.raises(UnknownArchitectureError, match="--arch-override"):
-            adapter_for(model)
-        ov = parse_override("layers=model.layers.{},mlp_out=model.layers.{}.mlp.down_proj,"
+        model.config = Cfg()                    # no table entry, no layer count, no width: all from the modules
+        found = adapter_for(model)
+        assert (found.family, found.found_by) == ("mystery", "structure")
+        assert (found.layers, found.mlp_name(0), found.attn_name(0), found.embed) == (
+            "model.layers.{}", "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj", "model.embed_tokens")
+        assert found.n_layers(model) == 4 and not found.transposed
+        assert "128 back to the model width 64" in found.describe()["notes"]["mlp_out"]
+        ov = parse_override("layers=model.layers.{},mlp_out=model.layers.{}.mlp.up_proj,"
                             "attn_out=model.layers.{}.self_attn.o_proj,embed=model.embed_tokens")
-        assert adapter_for(model, ov).mlp_name(0) == "model.layers.0.mlp.down_proj"
+        assert adapter_for(model, ov).mlp_name(0) == "model.layers.0.mlp.up_proj"      # the override wins
+        assert adapter_for(model, ov).found_by == "override"
+        partial = adapter_for(model, {"mlp_out": "model.layers.{}.mlp.gate_proj", "family": "llama"})
+        assert (partial.family, partial.found_by, partial.layers) == ("llama", "structure+override", "model.layers.{}")
         with pytest.raises(UnknownArchitectureError, match="not found"):
             adapter_for(model, {**ov, "mlp_out": "model.layers.{}.mlp.nothing"})
+        with pytest.raises(UnknownArchitectureError, match="unknown key 'mlp'"):
+            adapter_for(model, {"mlp": "x"})
     finally:
         model.config = real
+    assert adapter_for(model).found_by == "table"
 
 
 def test_load_local_directory(tiny_llama, tmp_path):

@@ -13,8 +13,11 @@ pytest_plugins = ["pytester"]
 SUITES = Path(__file__).resolve().parents[1] / "suites"
 
 
-def _run(pytester, tiny_model_dir, *extra):
-    return pytester.runpytest_subprocess(
+def _run(pytester, tiny_model_dir, *extra, in_process=False):
+    """The suite in a fresh pytest process; ``in_process``: in this one (pytester's in-process run, a real pytest
+    session with the plugin), for usage errors that stop it before anything loads: no 4 s torch import per case."""
+    run = pytester.runpytest if in_process else pytester.runpytest_subprocess
+    return run(
         str(SUITES / "test_single_edit.py"), "--model", str(tiny_model_dir), "--device", "cpu",
         "--cache-dir", str(pytester.path / "cache"), "--report-dir", str(pytester.path / "reports"),
         "--stats-tokens", "2000", "--ppl-texts", "8", "--cases", "2", "-p", "no:cacheprovider",
@@ -27,14 +30,14 @@ def test_single_edit_suite_writes_run_json(pytester, tiny_model_dir):
                   "--min-efficacy", "0", "--collapse-ratio", "1e6")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*knowledge-editing benchmark*", "single_edit *", "report: *run-*.json"])
-    assert {"rome", "ft"} <= {line.split()[0] for line in result.stdout.lines if line.startswith(("rome ", "ft "))}
+    assert {"rome", "ft_l"} <= {line.split()[0] for line in result.stdout.lines if line.startswith(("rome ", "ft_l "))}
     run = json.loads((pytester.path / "reports" / "latest.json").read_text())
     assert run["schema_version"] == 2 and run["model"]["family"] == "llama"
     assert {"hostname", "torch", "device"} <= set(run["machine"])
     assert run["config"]["thresholds"]["collapse_ppl_ratio"] == 1e6
     assert len(run["records"]) == 4
     for r in run["records"]:
-        assert r["suite"] == "single_edit" and r["editor"] in ("rome", "ft") and r["outcome"] == "passed"
+        assert r["suite"] == "single_edit" and r["editor"] in ("rome", "ft_l") and r["outcome"] == "passed"
         for k in ("efficacy_success", "paraphrase_success", "neighborhood_success", "ppl_before", "ppl_after",
                   "ppl_ratio"):
             assert isinstance(r["metrics"][k], float), k
@@ -57,14 +60,14 @@ def test_threshold_failure_names_metric_value_and_threshold(pytester, tiny_model
     (["--editor", "rome", "--hparam", "nosuchkey=3"], "*no selected editor has a hyper-parameter 'nosuchkey'*"),
 ])
 def test_usage_errors(pytester, tiny_model_dir, args, message):
-    result = _run(pytester, tiny_model_dir, *args)
+    result = _run(pytester, tiny_model_dir, *args, in_process=True)
     assert result.ret != 0
     result.stderr.fnmatch_lines([f"*{message}"])
 
 
 def test_unknown_model_is_one_clear_error(pytester):
-    result = pytester.runpytest_subprocess(str(SUITES / "test_single_edit.py"), "--model", "/no/such/dir",
-                                           "--editor", "rome", "-p", "no:cacheprovider")
+    result = pytester.runpytest(str(SUITES / "test_single_edit.py"), "--model", "/no/such/dir",     # in-process
+                                "--editor", "rome", "-p", "no:cacheprovider")
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*not a model directory*"])
 
@@ -114,7 +117,8 @@ def test_baseline_gates_the_session(pytester, tiny_model_dir):
     result = _run(pytester, tiny_model_dir, *common, "--baseline", str(better))
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*ppl_ratio*", "1 regression(s) against *"])
-    result = _run(pytester, tiny_model_dir, *common, "--baseline", str(pytester.path / "missing.json"))
+    result = _run(pytester, tiny_model_dir, *common, "--baseline", str(pytester.path / "missing.json"),
+                  in_process=True)
     assert result.ret == 4
     result.stderr.fnmatch_lines(["*--baseline: *missing.json*"])
 

@@ -55,7 +55,7 @@ def test_edit_lifecycle_detects_an_inexact_restore(h):
     names = ft.edited_parameters(h.lm)
     from harness.models import WeightSnapshot
     snap = WeightSnapshot(h.lm.model, names)
-    with pytest.raises(RestoreError, match="restore after ft was not bit-exact"):
+    with pytest.raises(RestoreError, match="restore after ft_l was not bit-exact"):
         with edited(h.lm, ft, [case]) as edit:
             edit.restore = lambda: None                        # a restore that forgets to undo
     snap.restore()

@@ -97,7 +97,7 @@ def test_collect_on_a_session_that_never_loaded_the_model():
     assert out["editors"]["rome"]["hparams"]["layer"] == 4 and out["editors"]["rome"]["overrides"] == {"layer": "4"}
     assert out["dataset"]["case_ids"] == ["b01", "b02", "b03"] and out["dataset"]["n_cases"] == 3
     assert out["corpora"]["perplexity"]["spec"] == "builtin-sentences"
-    assert out["corpora"]["statistics"] == {"spec": "auto", "tokens_requested": 100_000, "used": False}
+    assert out["corpora"]["statistics"] == {"spec": "auto", "tokens_requested": "auto", "used": False}
     assert out["seeds"]["bootstrap"] and "torch_initial_seed" in out["seeds"]
     # seeds come from the configuration, not from what this process built: the same in every shard of a sweep
     assert out["seeds"]["tracing_noise"] == 1 and session._tracer is None

@@ -355,7 +355,7 @@ def test_leaderboard_does_not_reward_collapse_and_respects_min_n():
     run["records"] += worse_but_intact["records"] + collapsed["records"] + few["records"]
     table = board_tables([run], min_n=5)[0]
     assert [(r.editor, r.rank, r.collapsed) for r in table.rows] == [
-        ("rome", 1, 0), ("memit", 2, 0), ("ft", 3, 1), ("r_rome", None, 0)]
+        ("rome", 1, 0), ("memit", 2, 0), ("ft_l", 3, 1), ("r_rome", None, 0)]
     df = leaderboard([run], min_n=5)
     assert list(df["rank"].astype("object").where(df["rank"].notna(), None)) == [1, 2, 3, None]
 

@@ -5,6 +5,7 @@ dataset text). Skipped where no Chromium is installed (Debian: ``apt-get install
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,8 @@ def test_dom_has_tables_and_svg_plots(report_html, rendered):
             assert title in text
         assert XSS not in text and text.count("<script") == 1    # the dataset text stayed text
     # the inline script ran: one filter box per sortable table, and no console errors (checked above)
-    assert rendered.dom.count('class="filter"') == rendered.dom.count('class="sortable"') >= 5
+    sortable = re.findall(r'<table class="sortable\b', rendered.dom)
+    assert rendered.dom.count('class="filter"') == len(sortable) >= 5
 
 
 @needs_chromium
@@ -121,3 +123,145 @@ def test_missing_file_is_one_line_exit_2(tmp_path):
     cli = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "nope.html")],
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 2 and cli.stderr.strip() == f"render_report: {tmp_path / 'nope.html'}: no such file"
+
+
+# --------------------------------------------------------------------------- layout at 1280 px (issue 26, item 5)
+
+# Measured in the loaded page at a 1280 px viewport. A "failed record" is a failed row of the failures table, or the
+# <tbody> of a failed record in a suite table (its row and the message row under it). A table "fits" when its right
+# edge is inside its box; otherwise its nearest box that scrolls sideways must lie inside the viewport. Then every
+# such box is scrolled to its right end, to see that the messages and the first column stay in view.
+LAYOUT_PROBE = r"""(() => {
+  const vw = window.innerWidth;
+  const scroller = (el) => {
+    for (let p = el.parentElement; p && p !== document.body; p = p.parentElement) {
+      const o = getComputedStyle(p).overflowX;
+      if (o === "auto" || o === "scroll") return p;
+    }
+    return null;
+  };
+  const box = (el) => {
+    const r = el.getBoundingClientRect();
+    return {left: r.left, right: r.right, width: r.width, height: r.height};
+  };
+  const failed = Array.from(document.querySelectorAll("tr.outcome-failed, tr.outcome-error"))
+    .filter((tr) => tr.querySelector(".badge"))
+    .map((tr) => {
+      const unit = tr.parentElement.classList.contains("record") ? tr.parentElement : tr;
+      const msg = unit.querySelector(".msg");
+      const cs = msg && getComputedStyle(msg);
+      return {text: (msg ? msg.textContent : "").trim().slice(0, 80), unit: box(unit), row: box(tr),
+              msg: msg ? box(msg) : null, lineHeight: cs ? parseFloat(cs.lineHeight) : 0,
+              textHeight: cs ? msg.clientHeight - parseFloat(cs.paddingTop) - parseFloat(cs.paddingBottom) : 0,
+              table: box(tr.closest("table")), scroller: box(scroller(tr) || document.body)};
+    });
+  const tables = Array.from(document.querySelectorAll("table")).map((t) => {
+    const s = scroller(t);
+    return {table: box(t), scroller: s ? box(s) : null, cls: s ? s.className : "",
+            fits: t.getBoundingClientRect().right <= (s || document.body).getBoundingClientRect().right + 0.5};
+  });
+  const beyond = [];
+  for (const el of document.body.querySelectorAll("*")) {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.right <= vw + 0.5) continue;
+    const s = scroller(el);
+    if (s && s.getBoundingClientRect().right <= vw + 0.5) continue;       // it scrolls inside its own box
+    beyond.push(el.tagName.toLowerCase() + "." + el.className + " right=" + Math.round(r.right));
+  }
+  const scrolled = [];
+  for (const s of document.querySelectorAll(".scroll")) {
+    if (s.scrollWidth <= s.clientWidth) continue;
+    s.scrollLeft = s.scrollWidth;
+    const sr = s.getBoundingClientRect();
+    for (const el of s.querySelectorAll("tr.msg-row .msg, tbody > tr:not(.msg-row) > td:first-child")) {
+      const r = el.getBoundingClientRect();
+      scrolled.push({what: el.className || el.tagName, left: r.left, right: r.right,
+                     boxLeft: sr.left, boxRight: sr.right});
+    }
+    s.scrollLeft = 0;
+  }
+  return {vw, scrollWidth: document.documentElement.scrollWidth, failed, tables, beyond, scrolled};
+})()"""
+
+WIDE_METRICS = ["paraphrase_magnitude", "neighborhood_magnitude", "rome_score", "rewrite_acc", "rephrase_acc",
+                "locality_acc", "ppl_token_after", "ppl_token_before", "neighborhood_retained", "kl_unrelated",
+                "top1_changed", "downstream_hellaswag_before", "downstream_hellaswag_after",
+                "downstream_arc_easy_before", "downstream_arc_easy_after", "downstream_piqa_drop"]
+LONG_MESSAGE = ("AssertionError: efficacy_success 0.0 < min_efficacy 1.0 for case {case} (subject 'Danielle Darrieux', "
+                "target_new 'English' vs target_true 'French'): p(new)=0.0123 p(true)=0.4567 after the edit of layer 5")
+
+
+def wide_run() -> dict:
+    """make_run() grown to what a real run looks like: four editors, six cases each with many metrics, a third of
+    them failed with a long assertion message (one of them over several lines), and the sequential records."""
+    from harness.metrics.registry import summarize
+    from tests.test_report import _sequential, _single
+
+    run = make_run()
+    records = []
+    for editor in ("rome", "memit", "alphaedit", "ft_constrained"):
+        for i in range(6):
+            failed = i % 3 == 1
+            message = LONG_MESSAGE.format(case=f"b{i:02d}") if failed else None
+            if failed and i == 4:
+                message += "\nassert 0.0 >= 1.0\n +  where 0.0 = metrics['efficacy_success']"
+            rec = _single(editor, f"b{i:02d}", f"subject number {i}", efficacy=0.0 if failed else 1.0,
+                          outcome="failed" if failed else "passed", message=message)
+            rec["metrics"].update({name: 0.123456 + k for k, name in enumerate(WIDE_METRICS)})
+            records.append(rec)
+        records.append(_sequential(editor, collapse_at=30 if editor == "rome" else None, growth=0.5))
+    run["records"] = records
+    run["config"]["editors"] = ["rome", "memit", "alphaedit", "ft_constrained"]
+    run["summary"] = [g.to_json() for g in summarize(records)]
+    return run
+
+
+@pytest.fixture(scope="module", params=["make_run", "wide_run"])
+def layout(request, tmp_path_factory):
+    run = make_run() if request.param == "make_run" else wide_run()
+    page = write_html(run, tmp_path_factory.mktemp("layout") / f"{request.param}.html")
+    res = rr.render(page, page.with_suffix(".png"), probe=LAYOUT_PROBE)
+    assert res.errors == []
+    return request.param, res.probe
+
+
+@needs_chromium
+def test_a_failed_record_is_as_tall_as_its_message_needs(layout):
+    """A failed row was ~150-550 px tall and blank beside its message, which sat in a narrow last column; now the
+    message takes the row's width and the record is its row plus the lines of its message."""
+    name, p = layout
+    assert p["failed"], "no failed record found"
+    for f in p["failed"]:
+        msg, unit, row = f["msg"], f["unit"], f["row"]
+        assert msg is not None, f
+        visible = min(f["table"]["right"], f["scroller"]["right"]) - max(f["table"]["left"], f["scroller"]["left"])
+        lines = round(f["textHeight"] / f["lineHeight"])
+        if lines > 1:   # a message that wraps has most of the row's visible width to wrap in
+            assert msg["width"] >= 0.5 * visible, f"{name}: the message is squeezed into {msg['width']:.0f} px: {f}"
+        assert lines <= 3, f"{name}: a ~200-character message takes {lines} lines: {f}"
+        # nothing blank: the record is its row (one text line + padding) and, under it, its message
+        assert unit["height"] <= max(row["height"], 30) + (msg["height"] if unit is not row else 0) + 12, f
+        assert unit["height"] <= 40 + lines * f["lineHeight"] + 12, f"{name}: {unit['height']:.0f} px for {lines} lines"
+        if "\n" not in f["text"] and len(f["text"]) < 70:
+            assert unit["height"] < 100, f"{name}: {unit['height']:.0f} px for a one-line message: {f}"
+
+
+@needs_chromium
+def test_nothing_is_cut_off_at_1280_px(layout):
+    """The page never scrolls sideways; a table either fits its box or scrolls inside it (the box inside the
+    viewport, marked so that its cut edge fades), and scrolled to its end it still shows the messages and the
+    first column. The report of make_run() fits without any sideways scrolling."""
+    name, p = layout
+    assert p["vw"] == 1280 and p["scrollWidth"] <= 1280, f"{name}: the page is {p['scrollWidth']} px wide"
+    assert p["beyond"] == [], f"{name}: cut off at the right edge: {p['beyond']}"
+    for t in p["tables"]:
+        if not t["fits"]:
+            assert t["scroller"] is not None and t["scroller"]["right"] <= 1280, f"{name}: {t}"
+            assert "more-right" in t["cls"], f"{name}: a wide table with no cue that it goes on: {t}"
+    if name == "make_run":
+        assert all(t["fits"] for t in p["tables"]), [t for t in p["tables"] if not t["fits"]]
+    else:
+        assert not all(t["fits"] for t in p["tables"])         # the wide run really needs the scrolling
+        assert p["scrolled"], "no message or first column measured in a scrolled table"
+        for el in p["scrolled"]:
+            assert el["boxLeft"] - 0.5 <= el["left"] and el["left"] < el["boxRight"] - 100, f"{name}: {el}"

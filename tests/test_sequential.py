@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +62,24 @@ def test_collapse_is_reported(pytester, tiny_model_dir):  # noqa: F811
     assert _seq_record(reports)["metrics"]["edits_to_collapse"] == 1
 
 
+# SIGKILLs the pytest process (as an OOM killer or a preempted job does) right after the sequential run journaled and
+# checkpointed its second edit: mid-way, at the same point on a fast or a loaded machine (a kill sent from outside
+# when the journal shows 2 lines can arrive after the last edit when the machine is busy)
+SEQ_KILLER = """
+import os, signal
+from harness.sequential import SequentialRun
+
+_save = SequentialRun._save
+
+def _save_then_die(self, lines, names):
+    _save(self, lines, names)
+    if len(lines) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+SequentialRun._save = _save_then_die
+"""
+
+
 def test_killed_run_resumes_with_the_same_records(tiny_model_dir, tmp_path):  # noqa: F811
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     n = "6"
@@ -71,17 +88,15 @@ def test_killed_run_resumes_with_the_same_records(tiny_model_dir, tmp_path):  # 
                                                            "--seq-edits", n)], env=env, check=True, cwd=tmp_path,
                    capture_output=True)
     part = tmp_path / "part"
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", *_args(tiny_model_dir, part, "--editor", "rome",
-                                                                    "--seq-edits", n)],
-                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        journals = list((part / "sequential").glob("*.jsonl")) if (part / "sequential").exists() else []
-        if journals and len(journals[0].read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "seq_killer.py").write_text(SEQ_KILLER)
+    killer_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "plugins"),
+                                                                             env.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "pytest", *_args(tiny_model_dir, part, "--editor", "rome",
+                                                                  "--seq-edits", n), "-p", "seq_killer"],
+                          env=killer_env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
+    journals = list((part / "sequential").glob("*.jsonl"))
     lines = len(journals[0].read_text().splitlines())
     assert 2 <= lines < int(n), "the run was not interrupted mid-way"
     assert not (part / "latest.json").exists()

@@ -69,8 +69,8 @@ def test_failed_model_load_is_remembered(tmp_path, monkeypatch):
 def test_a_failed_load_stops_the_session_in_one_line(pytester):
     """Through the plugin: the first test reports the load failure in one line, the session stops there."""
     suites = Path(__file__).resolve().parents[1] / "suites"
-    result = pytester.runpytest_subprocess(str(suites / "test_single_edit.py"), "--model", "/no/such/dir",
-                                           "--editor", "rome", "--cases", "3", "-p", "no:cacheprovider")
+    result = pytester.runpytest(str(suites / "test_single_edit.py"), "--model", "/no/such/dir",   # in-process
+                                "--editor", "rome", "--cases", "3", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["--model /no/such/dir: not a model directory*",
@@ -82,8 +82,8 @@ def test_a_failed_load_while_collecting_is_one_line(pytester):
     """The tracing suite parametrizes from the model's known facts while collecting: a model that cannot be loaded
     then stops the session with one line (usage error), not one collection error per suite module."""
     suites = Path(__file__).resolve().parents[1] / "suites"
-    result = pytester.runpytest_subprocess(str(suites / "test_tracing.py"), str(suites / "test_editing_problems.py"),
-                                           "--model", "/no/such/dir", "--editor", "rome", "-p", "no:cacheprovider")
+    result = pytester.runpytest(str(suites / "test_tracing.py"), str(suites / "test_editing_problems.py"),  # in-process
+                                "--model", "/no/such/dir", "--editor", "rome", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     out = result.stdout.str() + result.stderr.str()
     assert out.count("not a model directory") == 1, out

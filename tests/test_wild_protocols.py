@@ -30,7 +30,7 @@ DATA = Path(__file__).resolve().parent / "data"
 @pytest.fixture(scope="module")
 def h(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wild-protocols")
-    return HarnessSession(tiny_options(tiny_model_dir, tmp, seq_edits=2))
+    return HarnessSession(tiny_options(tiny_model_dir, tmp, seq_edits=2, wild=True, fluency=True))
 
 
 def test_single_edit_carries_wild_fluency_beside_teacher_forced(h):
@@ -129,7 +129,7 @@ def test_hparams_file_is_recorded_in_the_run_json(pytester, tiny_model_dir):
     run = json.loads((pytester.path / "reports" / "latest.json").read_text())
     became = run["config"]["hparams_files"]["memit"]
     assert became["hparams"]["layers"] == [1, 2] and became["stats"]["stats_tokens"] == 100000
-    assert "model_name" in became["ignored"] and run["config"]["wild"] is True
+    assert "model_name" in became["ignored"] and run["config"]["wild"] is False   # off by default
 
 
 @pytest.mark.parametrize("args,line", [
@@ -152,11 +152,12 @@ def test_wild_switch_and_ini(pytester):
         "    o = session.config.stash[_SESSION].options\n"
         "    print('VALUES', o.wild, o.fluency)\n")
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
-    pytester.runpytest("-p", "no:cacheprovider", "-s").stdout.fnmatch_lines(["*VALUES True True*"])
-    pytester.runpytest("-p", "no:cacheprovider", "-s", "--no-wild").stdout.fnmatch_lines(["*VALUES False True*"])
-    pytester.makeini("[pytest]\nharness_fluency = false\n")
-    pytester.runpytest("-p", "no:cacheprovider", "-s").stdout.fnmatch_lines(["*VALUES True False*"])
-    pytester.runpytest("-p", "no:cacheprovider", "-s", "--fluency").stdout.fnmatch_lines(["*VALUES True True*"])
+    # off by default (generation costs more than the edit on CPU: README), one flag or one ini key away
+    pytester.runpytest("-p", "no:cacheprovider", "-s").stdout.fnmatch_lines(["*VALUES False False*"])
+    pytester.runpytest("-p", "no:cacheprovider", "-s", "--wild").stdout.fnmatch_lines(["*VALUES True False*"])
+    pytester.makeini("[pytest]\nharness_fluency = true\n")
+    pytester.runpytest("-p", "no:cacheprovider", "-s").stdout.fnmatch_lines(["*VALUES False True*"])
+    pytester.runpytest("-p", "no:cacheprovider", "-s", "--no-fluency").stdout.fnmatch_lines(["*VALUES False False*"])
     pytester.makeini("[pytest]\nharness_wild = maybe\n")
     result = pytester.runpytest("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

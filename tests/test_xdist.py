@@ -103,7 +103,7 @@ def test_xdist_run_matches_serial_run(pytester, tiny_model_dir, monkeypatch):
     assert run_s["machine"]["torch_threads"] == run_x["machine"]["torch_threads"]
     s, x = _by_key(run_s), _by_key(run_x)
     assert set(s) == set(x)
-    assert {k[1] for k in s} == {"rome", "ft"} and {k[3] for k in s} == {"passed"}
+    assert {k[1] for k in s} == {"rome", "ft_l"} and {k[3] for k in s} == {"passed"}
     threads = f"serial torch_threads={run_s['machine'].get('torch_threads')}, " \
               f"xdist worker torch_threads={run_x['machine'].get('torch_threads')}"
     problems = [f"{k}{d}" for k in sorted(s) for d in _diffs(s[k], x[k])]

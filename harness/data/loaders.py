@@ -6,6 +6,15 @@ Every malformed record raises a one-line :class:`DataError` naming the file, the
 ``skip_invalid`` is set: then it is skipped, one :class:`SkippedRecordsWarning` per file gives the count, and the
 returned :class:`LoadedCases` lists every skipped record (``.skipped``) for the run to report. A file whose records
 are all invalid is an error either way.
+
+Case ids are unique within a load: results are kept by case id (a stream of 3 edits with two ids alike was scored as
+2), so a record repeating an earlier record's id is invalid like a malformed one (refused in one line naming the
+file, the record and the id; left out with ``skip_invalid``). The one legitimate repetition is a file that numbers
+its records per ``source`` (QAEdit counts NQ, TQA and SQA questions separately): its cases are named SOURCE-ID
+(``NQ-1104``), see ``_ids_by_source``.
+
+A file given by path is sniffed from its first record (:func:`sniff_format`): ROME CounterFact, MEND zsRE, EasyEdit,
+KnowEdit (read as ``knowedit:FILE``) and QAEdit (read as ``qaedit``) records.
 """
 from __future__ import annotations
 
@@ -13,7 +22,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +236,25 @@ def _case_id(rec: Record, index: int) -> str:
     return str(index)
 
 
+def _id_field(rec: Record) -> str:
+    """The field a record's case id comes from (``_case_id``): case_id, id or case_index; '<index>' when none."""
+    return next((k for k in ("case_id", "id", "case_index") if rec.get(k) is not None), "<index>")
+
+
+def _ids_by_source(records: Sequence[Any]) -> bool:
+    """Whether the file numbers its records per ``source``: an id repeats on records that name different
+    ``source`` strings (QAEdit counts NQ, TQA and SQA questions separately; its 1k sample has 37 ids twice). Then
+    every case of the file whose record has a ``source`` is named SOURCE-ID (``TQA-918``), whatever ``limit`` is, so
+    that ids are unique and stable; an id still repeated after that is a duplicate record (refused, or skipped
+    with ``skip_invalid``)."""
+    sources: dict[str, list[Any]] = {}
+    for i, rec in enumerate(records):
+        if isinstance(rec, dict):
+            sources.setdefault(_case_id(rec, i), []).append(rec.get("source"))
+    return any(len(s) > 1 and all(isinstance(x, str) and x for x in s) and len(set(s)) > 1
+               for s in sources.values())
+
+
 def _parse_all(records: Sequence[Any], parse: Parser, *, name: str, limit: int | None,
                skip_invalid: bool) -> LoadedCases:
     """Parse records in order, stopping after ``limit`` valid cases; raise on a bad record, or skip it (and list
@@ -235,7 +263,9 @@ def _parse_all(records: Sequence[Any], parse: Parser, *, name: str, limit: int |
         raise DataError(f"limit must be >= 0, got {limit}")
     if not records:
         raise DataError(f"{name}: contains no records")
+    by_source = _ids_by_source(records)
     cases = LoadedCases()
+    seen: dict[str, int] = {}                    # case id -> the record that has it
     for i, rec in enumerate(records):
         if limit is not None and len(cases) >= limit:
             break
@@ -244,7 +274,14 @@ def _parse_all(records: Sequence[Any], parse: Parser, *, name: str, limit: int |
         try:
             if not isinstance(rec, dict):
                 raise _Invalid("<record>", f"should be a JSON object, got {type(rec).__name__}")
-            cases.append(parse(rec, i))
+            case = parse(rec, i)
+            if by_source and isinstance(rec.get("source"), str):
+                case = replace(case, case_id=f"{rec['source']}-{case.case_id}")
+            if case.case_id in seen:
+                raise _Invalid(_id_field(rec), f"repeats the case id {case.case_id!r} of record {seen[case.case_id]}: "
+                                               "case ids must be unique in a data set (results are kept by case id)")
+            seen[case.case_id] = i
+            cases.append(case)
         except _Invalid as e:
             msg = _one_line(f"{where}: {e}")
             if not skip_invalid:
@@ -504,19 +541,29 @@ def load_zsre(path: str | os.PathLike[str], *, limit: int | None = None, skip_in
 # ------------------------------------------------------------------------------------------------- dispatch
 
 def sniff_format(record: Any) -> str:
-    """'rome', 'zsre' or 'easyedit' from one record's keys; DataError when none fits."""
+    """'rome', 'zsre', 'knowedit', 'qaedit' or 'easyedit' from one record's keys; DataError when none fits.
+
+    KnowEdit: WikiBio's ``text``/``labels``/``concept``, or EasyEdit-style records with KnowEdit's ``portability``
+    groups; QAEdit: ``prompt``/``subject``/``target`` (no ``target_new``), as its authors distribute it."""
     if isinstance(record, dict):
         if "requested_rewrite" in record:
             return "rome"
         if "src" in record and "alt" in record:
             return "zsre"
+        if {"text", "labels", "concept"} <= set(record):
+            return "knowedit"
         if "prompt" in record and "target_new" in record:
-            return "easyedit"
+            return "knowedit" if isinstance(record.get("portability"), dict) else "easyedit"
+        if {"prompt", "subject", "target"} <= set(record):
+            return "qaedit"
         keys = ", ".join(sorted(map(str, record))[:12])
     else:
         keys = f"a {type(record).__name__}, not an object"
     raise DataError(f"unrecognised edit format (first record has keys: {keys}); expected ROME CounterFact "
-                    "('requested_rewrite'), zsRE ('src', 'alt') or EasyEdit ('prompt', 'target_new') records")
+                    "('requested_rewrite'), zsRE ('src', 'alt'), EasyEdit ('prompt', 'target_new'), KnowEdit "
+                    "(with 'portability', or WikiBio's 'text', 'labels', 'concept') or QAEdit ('prompt', 'subject', "
+                    "'target') records; or name the format: --dataset qaedit or zsre-qa (from the data dir), "
+                    "knowedit:FILE")
 
 
 _PARSERS: dict[str, Callable[[str], Parser]] = {"rome": _parse_rome, "zsre": _parse_zsre,
@@ -525,13 +572,22 @@ _DEFAULT_SOURCE = {"rome": "counterfact", "zsre": "zsre", "easyedit": "easyedit"
 
 
 def _load_sniffed(records: list[Any], name: str, *, limit: int | None, skip_invalid: bool,
-                  source: str | None = None) -> LoadedCases:
+                  source: str | None = None, path: Path | None = None) -> LoadedCases:
+    """Records of a sniffed format. A KnowEdit or QAEdit file (``path``) is read by the loader its module registers
+    for ``knowedit:FILE`` / ``qaedit``, so a path and the prefixed spec give the same cases; records from the hub
+    keep the EasyEdit reading of KnowEdit records (QAEdit ones must be saved to a file)."""
     if not records:
         raise DataError(f"{name}: contains no records")
     try:
         fmt = sniff_format(records[0])
     except DataError as e:
         raise DataError(f"{name}: {e}") from None
+    loader = {"knowedit": PREFIX_LOADERS.get("knowedit"), "qaedit": SET_LOADERS.get("qaedit")}.get(fmt)
+    if loader is not None and path is not None:
+        return loader(path, limit=limit, skip_invalid=skip_invalid)
+    if fmt == "qaedit":
+        raise DataError(f"{name}: QAEdit records; save them as a JSON file and pass its path as --dataset")
+    fmt = "easyedit" if fmt == "knowedit" else fmt
     return _parse_all(records, _PARSERS[fmt](source or _DEFAULT_SOURCE[fmt]), name=name, limit=limit,
                       skip_invalid=skip_invalid)
 
@@ -553,6 +609,58 @@ def _load_hf(spec: str, *, limit: int | None, skip_invalid: bool) -> LoadedCases
                         f"({_one_line(e)[:300]}); check the name/split or that you are online") from None
     records = [dict(r) for r in ds]
     return _load_sniffed(records, spec, limit=limit, skip_invalid=skip_invalid, source=f"hf:{name}")
+
+
+def _scored_texts(case: EditCase) -> list[tuple[str, str]]:
+    """(what, text) of every prompt a suite may feed the model for ``case``, each with the target scored after it."""
+    new, true = " " + case.target_new, " " + case.target_true if case.target_true else ""
+    out = [("rewrite", case.rewrite_prompt + new), ("rewrite", case.rewrite_prompt + true)]
+    out += [("paraphrase", p + new) for p in case.paraphrase_prompts]
+    out += [("neighborhood", p + true) for p in case.neighborhood_prompts]
+    out += [("attribute", p + new) for p in case.attribute_prompts]
+    out += [("generation", p) for p in case.generation_prompts]
+    out += [("locality", f"{p} {a}") for p, a in case.locality]
+    portability = case.extra.get("portability")
+    for items in portability.values() if isinstance(portability, dict) else ():
+        out += [("portability", f"{i['prompt']} {i['answers'][0]}") for i in items
+                if isinstance(i, dict) and isinstance(i.get("prompt"), str) and i.get("answers")]
+    return out
+
+
+def fit_context(cases: Sequence[EditCase], tokenizer: Any, limit: int | None, *, name: str,
+                skip_invalid: bool = False) -> LoadedCases:
+    """``cases`` checked against the model's context window (``limit`` tokens; None: unknown, nothing checked):
+    every prompt of a case (with the target scored after it) must fit, else a one-line :class:`DataError` naming the
+    case id, the prompt, its token count and the limit, before any editor sees the case. With ``skip_invalid`` such
+    a case is left out (``.skipped``, its ``index`` the position among ``cases``; one
+    :class:`SkippedRecordsWarning`), like a malformed record. Texts shorter in bytes than the limit cannot exceed it
+    and are not tokenized."""
+    kept = LoadedCases(skipped=getattr(cases, "skipped", ()))
+    if limit is None:
+        kept.extend(cases)
+        return kept
+    left_out: list[SkippedRecord] = []
+    for i, case in enumerate(cases):
+        long = [(what, t) for what, t in _scored_texts(case) if len(t.encode("utf-8")) + 8 > limit]
+        counts = [len(ids) for ids in tokenizer([t for _, t in long], verbose=False).input_ids] if long else []
+        over = [(n, what, t) for n, (what, t) in zip(counts, long) if n > limit]
+        if not over:
+            kept.append(case)
+            continue
+        n, what, text = max(over)
+        msg = _one_line(f"{name}: case {case.case_id}: its {what} prompt {text[:60]!r} has {n} tokens, more than the "
+                        f"model's context of {limit}; shorten it or leave the case out")
+        if not skip_invalid:
+            raise DataError(f"{msg} (--skip-invalid)")
+        left_out.append(SkippedRecord(name, i, f"case_id {case.case_id}", what, msg))
+    if left_out and not kept:
+        raise DataError(f"{name}: all {len(left_out)} case(s) are longer than the model's context of {limit} tokens "
+                        f"(first: {left_out[0].reason}); give another --dataset")
+    if left_out:
+        kept.skipped.extend(left_out)
+        warnings.warn(f"{name}: left out {len(left_out)} case(s) longer than the model's context of {limit} tokens "
+                      f"(--skip-invalid); first: {left_out[0].reason}", SkippedRecordsWarning, stacklevel=2)
+    return kept
 
 
 def dataset_names() -> list[str]:
@@ -593,7 +701,7 @@ def load_cases(spec: str = "builtin", *, data_dir: str | os.PathLike[str] | None
         return PREFIX_LOADERS[prefix](Path(rest).expanduser(), limit=limit, skip_invalid=skip_invalid)
     path = Path(spec).expanduser()
     if path.is_file():
-        return _load_sniffed(read_json_records(path), path.name, limit=limit, skip_invalid=skip_invalid)
+        return _load_sniffed(read_json_records(path), path.name, limit=limit, skip_invalid=skip_invalid, path=path)
     if path.suffix in (".json", ".jsonl") or os.sep in spec or "/" in spec:
         raise DataError(f"{spec}: file not found")
     raise DataError(f"unknown dataset {spec!r}: use one of {', '.join(dataset_names())}, a JSON file path "

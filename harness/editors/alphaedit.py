@@ -46,7 +46,7 @@ import torch
 
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
-from .base import register_editor
+from .base import Capabilities, register_editor
 from .memit import MEMIT, ZHparams
 
 
@@ -54,9 +54,10 @@ from .memit import MEMIT, ZHparams
 class AlphaEditHparams(ZHparams):
     """Defaults: jianghoucheng/AlphaEdit ``hparams/AlphaEdit/Llama3-8B.json`` (MEMIT's z settings otherwise)."""
     layers: list = field(default_factory=lambda: [4, 5, 6, 7, 8])
-    nullspace_threshold: float = 2e-2      # singular values of C below this span the preserved keys' null space
-    L2: float = 10.0                       # alpha, the ridge term of the solve
-    v_lr: float = 0.1
+    # singular values of C below this span the preserved keys' null space
+    nullspace_threshold: float = field(default=2e-2, metadata={"gt": 0})
+    L2: float = field(default=10.0, metadata={"min": 0})  # alpha, the ridge term of the solve
+    v_lr: float = field(default=0.1, metadata={"gt": 0})
 
 
 def null_space_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -84,7 +85,7 @@ class AlphaEdit(MEMIT):
 
     name = "alphaedit"
     Hparams = AlphaEditHparams
-    supports_batch = True
+    capabilities = Capabilities(needs_key_stats=True, changes="weights", batches=True, values_ahead=True)
 
     def __init__(self, hparams: AlphaEditHparams, *, stats=None):
         super().__init__(hparams, stats=stats)

@@ -42,6 +42,32 @@ def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
 
+# Some decoder blocks run their MLP on flattened tokens: OPT's ``OPTDecoderLayer`` reshapes the hidden states
+# [b, T, d] to [b * T, d] before fc1/fc2, so a hook on the MLP output projection sees [b * T, d_in] / [b * T, d_out]
+# where every other family gives [b, T, d_in] / [b, T, d_out]. Hooks that index (row, token) view such a tensor as
+# [b, T, d] with ``as_btd`` (b, T: the shape of the current forward's input_ids [b, T]) and give a modified tensor
+# back in the shape the module produced with ``restore_shape``.
+def as_btd(t: torch.Tensor, b: int, T: int) -> torch.Tensor:
+    """A hooked token tensor as [b, T, d]: [b * T, d] (flattened tokens, OPT) -> a view [b, T, d]; [b, T, d] as it
+    is. Anything else is an error (no silent mis-indexing of a tensor whose layout is not known)."""
+    if t.dim() == 3 and tuple(t.shape[:2]) == (b, T):
+        return t                                                    # [b, T, d]
+    if t.dim() == 2 and t.shape[0] == b * T:
+        return t.view(b, T, t.shape[-1])                            # [b * T, d] -> [b, T, d]
+    raise ValueError(f"hooked tensor of shape {tuple(t.shape)} is neither [b, T, d] nor [b * T, d] "
+                     f"for the forward pass's b = {b}, T = {T}")
+
+
+def restore_shape(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` [b, T, d] back in the shape of the hooked tensor ``like`` ([b, T, d] as is, or [b * T, d])."""
+    return t if t.shape == like.shape else t.reshape(like.shape)
+
+
+def token_grid(inputs: torch.Tensor) -> tuple[int, int]:
+    """(b, T) of a forward pass from its input_ids / attention mask [b, T] or inputs_embeds [b, T, d]."""
+    return int(inputs.shape[0]), int(inputs.shape[1])
+
+
 @contextlib.contextmanager
 def capture_io(module: torch.nn.Module) -> Iterator[dict]:
     """Record a module's first input and its output on the next forward pass."""
@@ -74,8 +100,9 @@ def module_io_at(lm: LoadedModel, module_name: str, texts: Sequence[str], positi
         if not io:                                  # a module outside the base model (the output head)
             with capture_io(module) as io:
                 lm.model(input_ids=ids, attention_mask=mask)
-        ins.append(io["input"][rows, pos].float())
-        outs.append(io["output"][rows, pos].float())
+        b, T = token_grid(ids)
+        ins.append(as_btd(io["input"], b, T)[rows, pos].float())       # [b, T, d_in] -> [b, d_in]
+        outs.append(as_btd(io["output"], b, T)[rows, pos].float())     # [b, T, d_out] -> [b, d_out]
     return torch.cat(ins), torch.cat(outs)
 
 
@@ -277,19 +304,23 @@ def optimize_value(lm: LoadedModel, case: EditCase, module_name: str, templates:
 
 
 @contextlib.contextmanager
-def add_to_subjects(module: torch.nn.Module, delta: torch.Tensor, n: int, rows: torch.Tensor, cols: torch.Tensor):
+def add_to_subjects(module: torch.nn.Module, delta: torch.Tensor, n: int, rows: torch.Tensor, cols: torch.Tensor,
+                    grid: tuple[int, int] | None = None):
     """Add case a's ``delta[a]`` (``delta`` [A, d]) to ``module``'s output at (row, col) positions, ``n`` consecutive
     positions per case (``rows``, ``cols`` [A * n]); ``info["init"]`` [A, d] keeps the first clean output vector of
-    each case's positions (v at the case's unprefixed prompt)."""
+    each case's positions (v at the case's unprefixed prompt). ``grid``: (b, T) of the forward pass's input, needed
+    for modules that output flattened tokens [b * T, d] (``as_btd``); None: the output is [b, T, d]."""
     info: dict = {}
 
     def hook(_m, _inputs, output):
-        out = _first(output)
+        raw = _first(output)                                        # [b, T, d] or [b * T, d]
+        out = as_btd(raw, *grid) if grid is not None else raw       # [b, T, d]
         if "init" not in info:
-            info["init"] = out[rows[::n], cols[::n]].detach().clone()
+            info["init"] = out[rows[::n], cols[::n]].detach().clone()   # [A, d]
         out = out.clone()
         A = delta.shape[0]
         out[rows, cols] = (out[rows, cols].view(A, n, -1) + delta[:, None].to(out.dtype)).view(A * n, -1)
+        out = restore_shape(out, raw)                               # the module's own shape
         return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
 
     handle = module.register_forward_hook(hook)
@@ -423,7 +454,8 @@ def optimize_values(lm: LoadedModel, cases: Sequence[EditCase], module_name: str
             delta = torch.zeros(B, io["output"].shape[-1], device=dev, dtype=torch.float32, requires_grad=True)
             optimizer = torch.optim.Adam([delta], lr=opt.lr)
         rows_delta = delta if len(active) == B else delta[torch.tensor(active, device=dev)]   # [A, d]
-        with add_to_subjects(module, rows_delta, n, at["all_rows"], at["col0"]) as info, \
+        grid = token_grid(next(iter(step_in.values())))                # (A n, S) of this step's pass
+        with add_to_subjects(module, rows_delta, n, at["all_rows"], at["col0"], grid) as info, \
                 (layers_from(model, lm.adapter, start) if start else contextlib.nullcontext()):
             hidden = body(**step_in, attention_mask=full_mask, position_ids=suf_pos,
                           **cache_arg(body, cache), use_cache=cache is not None).last_hidden_state  # [A n, S, d_model]
@@ -560,3 +592,70 @@ class ValuesAhead:
             self._held[c.case_id] = (c, key, state, r, share, len(batch))
         self._settle = (share, cost, len(batch))
         return results[0]
+
+    def charge(self, timer, edit) -> None:
+        """After an edit (``harness.editing.edited``): if its v* came from a batch of K cases optimised together,
+        its "edit" time counts its share of the batch's seconds, not what the batch took inside it (all of it for the
+        edit that ran the batch, none for the others), and the record says so (``v_batch``, ``v_batch_share_s``)."""
+        batch = self.settle()
+        if batch is not None:
+            share, spent, size = batch
+            timer.seconds["edit"] = timer.seconds.get("edit", 0.0) - spent + share
+            edit.info.update(v_batch=size, v_batch_share_s=share)
+
+
+class AheadPlan:
+    """The owner of ``--vstar-batch K`` for the session: the single edits this process will run, in order (each
+    from the unedited model: the single-edit, HardEdit and locality tests after collection), which of them follow
+    an edit (``next``), and telling an editor that declares ``Capabilities.values_ahead`` (its ``ValuesAhead``,
+    ``editor.ahead``) so that it optimises their v* together (``expect``). The time a batch took is shared among its
+    cases by ``ValuesAhead.charge`` when each edit ends (``charge``). Editors that do not declare ``values_ahead``
+    are left alone."""
+
+    def __init__(self, batch: int = 1) -> None:
+        self.batch = max(1, int(batch or 1))
+        self._plan: dict[str, list[EditCase]] = {}      # editor -> its planned single edits, in run order
+        self._cursor: dict[str, int] = {}                # editor -> where its next planned edit is looked for
+
+    @staticmethod
+    def applies(editor) -> bool:
+        return bool(editor.capabilities.values_ahead) and getattr(editor, "ahead", None) is not None
+
+    def configure(self, editor) -> None:
+        """A new editor instance: its ``ValuesAhead`` optimises up to K values together."""
+        if self.applies(editor):
+            editor.ahead.batch = self.batch
+
+    def plan(self, order: Sequence[tuple[str, EditCase]]) -> None:
+        """(editor name, case) of the single edits this process will run, in order (none under xdist)."""
+        self._plan, self._cursor = {}, {}
+        for name, case in order:
+            self._plan.setdefault(name, []).append(case)
+
+    def next(self, editor_name: str, case: EditCase, k: int) -> list[EditCase]:
+        """The ``k`` single edits planned for ``editor_name`` after this one of ``case`` (found at or after the last
+        one asked for; [] when ``case`` is not in the plan)."""
+        plan = self._plan.get(editor_name, [])
+        start = self._cursor.get(editor_name, 0)
+        at = next((i for i in range(start, len(plan)) if plan[i] == case), None)
+        if at is None:
+            return []
+        self._cursor[editor_name] = at + 1
+        return plan[at + 1:at + 1 + k]
+
+    def expect(self, editor, case: EditCase, clock: Callable[[], float] | None = None) -> None:
+        """Before the single edit of ``case``: tell the editor the next K - 1 planned after it."""
+        if self.applies(editor) and editor.ahead.batch > 1:
+            editor.ahead.expect([case, *self.next(editor.name, case, editor.ahead.batch - 1)], clock)
+
+    @classmethod
+    def before_edit(cls, editor) -> None:
+        """Nothing left over from an edit that failed."""
+        if cls.applies(editor):
+            editor.ahead.settle()
+
+    @classmethod
+    def charge(cls, editor, timer, edit) -> None:
+        """After the edit: its share of a batch's time (``ValuesAhead.charge``)."""
+        if cls.applies(editor):
+            editor.ahead.charge(timer, edit)

@@ -48,7 +48,7 @@ import torch
 
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
-from .base import register_editor
+from .base import Capabilities, register_editor
 from .memit import MEMIT, MemitHparams, hidden_at_subjects
 
 
@@ -69,7 +69,7 @@ def d4s_update(C: torch.Tensor, S_RK: torch.Tensor, S_KK: torch.Tensor, lam: flo
 class D4S(MEMIT):
     name = "d4s"
     Hparams = MemitHparams
-    supports_batch = True
+    capabilities = Capabilities(needs_key_stats=True, changes="weights", batches=True, values_ahead=True)
 
     def __init__(self, hparams: MemitHparams, *, stats=None):
         super().__init__(hparams, stats=stats)

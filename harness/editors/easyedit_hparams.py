@@ -39,8 +39,8 @@ import yaml
 from .base import Editor, HparamsError, _coerce, load_hparams
 
 # EasyEdit's alg_name -> harness editor name
-ALG_NAMES: dict[str, str] = {"rome": "rome", "r-rome": "r_rome", "r_rome": "r_rome", "memit": "memit", "ft": "ft",
-                             "ft-l": "ft", "alphaedit": "alphaedit", "emmet": "emmet", "d4s": "d4s"}
+ALG_NAMES: dict[str, str] = {"rome": "rome", "r-rome": "r_rome", "r_rome": "r_rome", "memit": "memit", "ft": "ft_l",
+                             "ft-l": "ft_l", "alphaedit": "alphaedit", "emmet": "emmet", "d4s": "d4s"}
 # keys the harness takes from elsewhere, and where
 ELSEWHERE: dict[str, str] = {
     "model_name": "the model is --model",
@@ -125,7 +125,7 @@ def _layers(out: EasyEditHparams, value: Any, fields: set[str], where: str) -> N
 
 def _matches(out: EasyEditHparams, key: str, value: Any, n_layers: int | None) -> bool:
     """Whether ``key: value`` is what the harness does anyway (then recorded in ``matched``)."""
-    ft = out.editor == "ft"
+    ft = out.editor == "ft_l"
     same = {
         "fact_token": value == "subject_last",
         "mom2_dtype": value == "float32",
@@ -176,6 +176,15 @@ def _map_key(out: EasyEditHparams, key: str, value: Any, fields: set[str], n_lay
         out.ignored[key] = _why_not(key, value, out.editor, n_layers)
 
 
+def alg_editor(alg: Any) -> str:
+    """The harness editor an ``alg_name`` stands for: EasyEdit's names (``ALG_NAMES``), else the name itself as an
+    editor name (a third-party editor's own files set ``alg_name: <its name>``; case and ``-``/``_`` aside), through
+    the editor aliases."""
+    from ..editor_aliases import canonical_editor
+    key = str(alg).strip().lower()
+    return ALG_NAMES.get(key) or canonical_editor(key.replace("-", "_"))
+
+
 def map_easyedit_hparams(path: str | os.PathLike[str], editor_cls: type[Editor], *, n_layers: int | None = None,
                          warn: bool = True) -> EasyEditHparams:
     """Read an EasyEdit YAML for ``editor_cls`` (module docstring); warn once per ignored key."""
@@ -183,9 +192,9 @@ def map_easyedit_hparams(path: str | os.PathLike[str], editor_cls: type[Editor],
     data = _read(p)
     where = f"--hparams-file {p}"
     alg = data.get("alg_name")
-    if alg is not None and ALG_NAMES.get(str(alg).lower()) != editor_cls.name:
+    if alg is not None and alg_editor(alg) != editor_cls.name:
         raise HparamsError(f"{where}: the file is for {alg!r}, not editor {editor_cls.name!r}; "
-                           f"pass it as --hparams-file {ALG_NAMES.get(str(alg).lower(), str(alg).lower())}={p}")
+                           f"pass it as --hparams-file {alg_editor(alg)}={p}")
     out = EasyEditHparams(str(p), editor_cls.name, None if alg is None else str(alg))
     fields = _fields(editor_cls)
     for key, value in data.items():

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import register_editor
+from .base import Capabilities, register_editor
 from .memit import MEMIT, MemitHparams
 
 
@@ -37,10 +37,10 @@ from .memit import MEMIT, MemitHparams
 class EmmetHparams(MemitHparams):
     """Defaults: unified-model-editing ``hparams/EMMET/gpt2-xl.json``."""
     layers: list = field(default_factory=lambda: [17])
-    v_num_grad_steps: int = 20
-    mom2_update_weight: float = 1000.0     # lambda in C = lambda E[k k^T]
-    emmet_lambda: float = 0.1              # ridge on D = K^T C^-1 K for batches (n > 1)
-    update_norm_lambda: float = 0.0        # mu: C += mu I (0 in every published setting)
+    v_num_grad_steps: int = field(default=20, metadata={"min": 1})
+    mom2_update_weight: float = field(default=1000.0, metadata={"min": 0})  # lambda in C = lambda E[k k^T]
+    emmet_lambda: float = field(default=0.1, metadata={"min": 0})  # ridge on D = K^T C^-1 K for batches (n > 1)
+    update_norm_lambda: float = field(default=0.0, metadata={"min": 0})  # mu: C += mu I (0 in every published setting)
 
 
 def emmet_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float, emmet_lambda: float = 0.0,
@@ -65,7 +65,7 @@ def emmet_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float, 
 class EMMET(MEMIT):
     name = "emmet"
     Hparams = EmmetHparams
-    supports_batch = True
+    capabilities = Capabilities(needs_key_stats=True, changes="weights", batches=True, values_ahead=True)
 
     def layer_update(self, lm, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """delta [d, d_in] = R D^-1 K^T C^-1 with D = K^T C^-1 K, in float64 with linear solves."""

@@ -35,21 +35,21 @@ description (all target tokens must be top-1, not only the first); MEMIT's NLL t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
-from .base import register_editor
+from .base import Capabilities, register_editor
 from .common import ValueOpt
 from .memit import MEMIT, MemitHparams
 
 
 @dataclass
 class EncoreHparams(MemitHparams):
-    norm_lambda: float = 10.0              # lambda_n: weight of ||W_hat - W||_F^2
+    norm_lambda: float = field(default=10.0, metadata={"min": 0})  # lambda_n: weight of ||W_hat - W||_F^2
     most_probable_stop: bool = True        # MPES
 
     def value_opt(self) -> ValueOpt:
@@ -62,7 +62,7 @@ class EncoreHparams(MemitHparams):
 class ENCORE(MEMIT):
     name = "encore"
     Hparams = EncoreHparams
-    supports_batch = True
+    capabilities = Capabilities(needs_key_stats=True, changes="weights", batches=True, values_ahead=True)
 
     def __init__(self, hparams: EncoreHparams, *, stats=None):
         super().__init__(hparams, stats=stats)

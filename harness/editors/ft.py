@@ -22,8 +22,8 @@ contain ``rewrite_module_tmp``: GPT-2's ``c_proj`` weight and bias, Llama's ``do
 (a window, Hase et al. 2023's constrained fine-tuning over several layers) tunes each listed layer instead of
 ``layer``. The references cut the cases into mini-batches of 128; here every call is one batch.
 
-``ft`` is kept as an alias of ``ft_l`` (the baseline the README's main job and ROME's paper call FT-L), with the
-same hyper-parameter files.
+``ft`` is kept as an alias of ``ft_l`` (the baseline the README's main job and ROME's paper call FT-L): the same
+editor under another name, resolved to ``ft_l`` everywhere (harness/editor_aliases.py).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
 from ..tokens import pad_batch
-from .base import Editor, register_editor
+from .base import Capabilities, Editor, register_editor
 from .common import encode_target, objective_loss, subject_first_index, subject_last_index, subject_noise
 
 
@@ -46,11 +46,12 @@ class FTHparams:
     ``hparams/FT/gpt2-xl.yaml`` has the same values for FT-L and FT-M)."""
     layer: int = 0
     layers: list = field(default_factory=list)   # a window of layers to tune together; empty: just ``layer``
-    num_steps: int = 25
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    norm_constraint: float | None = 5e-4         # epsilon of the L-inf ball around the original weights; null: none
-    early_stop_loss: float = 1e-2
+    num_steps: int = field(default=25, metadata={"min": 1})
+    lr: float = field(default=5e-4, metadata={"gt": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    # epsilon of the L-inf ball around the original weights; null: none
+    norm_constraint: float | None = field(default=5e-4, metadata={"min": 0})
+    early_stop_loss: float = field(default=1e-2, metadata={"min": 0})
 
 
 def mean_per_case(nll: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -64,7 +65,7 @@ class FineTune(Editor):
     """The fine-tuning loop; subclasses say where each target token is scored (``scored_positions``)."""
 
     Hparams = FTHparams
-    supports_batch = True
+    capabilities = Capabilities(needs_key_stats=False, changes="weights", batches=True, values_ahead=False)
     teacher_forced: ClassVar[bool] = False
 
     def tuned_layers(self) -> list[int]:
@@ -170,8 +171,6 @@ class FTM(FineTune):
     teacher_forced = True
 
 
-@register_editor
-class FT(FTL):
-    """``ft``: an alias of ``ft_l`` (same objective, same hyper-parameter files)."""
-    name = "ft"
-    hparams_name = "ft_l"
+# ``ft``: an alias of ``ft_l`` (harness/editor_aliases.py), resolved to ``ft_l`` wherever an editor is named: one
+# editor, one set of hyper-parameters (``--hparam ft.KEY`` and ``--hparam ft_l.KEY`` alike), one name in the records
+FT = FTL

@@ -47,7 +47,7 @@ Adam lr 1.0, 50 steps, cold values, replace_last, coverage). Divergences, each d
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -55,19 +55,21 @@ import torch.nn.functional as F
 
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
-from .base import Edit, Editor, register_editor
-from .common import capture_io, encode_target, objective_loss
+from .base import Capabilities, Edit, Editor, register_editor
+from .common import as_btd, capture_io, encode_target, objective_loss, token_grid
 
 
 @dataclass
 class GraceHparams:
     layer: int = 27                 # the MLP output projection of this layer is wrapped
-    eps: float = 1.0                # initial deferral radius (Euclidean, in the layer-input space)
-    edit_lr: float = 1.0
-    n_iter: int = 50
-    early_stop_loss: float = 1e-2   # 0: run all n_iter steps, as the reference loop does
-    val_init: str = "cold"          # "cold": U[0, 1) as the reference; "warm": the layer's own output at the key
-    eps_expand: str = "coverage"    # "coverage" (grow the radius) or "moving_average" (also move the key halfway)
+    eps: float = field(default=1.0, metadata={"gt": 0})  # initial deferral radius (Euclidean, in the layer-input space)
+    edit_lr: float = field(default=1.0, metadata={"gt": 0})
+    n_iter: int = field(default=50, metadata={"min": 1})
+    early_stop_loss: float = field(default=1e-2, metadata={"min": 0})   # 0: run all n_iter steps, as the reference
+    # "cold": U[0, 1) as the reference; "warm": the layer's own output at the key
+    val_init: str = field(default="cold", metadata={"choices": ("cold", "warm")})
+    # "coverage" (grow the radius) or "moving_average" (also move the key halfway)
+    eps_expand: str = field(default="coverage", metadata={"choices": ("coverage", "moving_average")})
     seed: int = 0
 
 
@@ -144,7 +146,7 @@ def _replace_hook(codebook: Codebook):
 class GRACE(Editor):
     name = "grace"
     Hparams = GraceHparams
-    supports_batch = False
+    capabilities = Capabilities(needs_key_stats=False, changes="hooks", batches=False, values_ahead=False)
     objectives = ("rewrite", "amplify", "erase")    # not "force": the edit keys on the clean prompt
 
     def __init__(self, hparams: GraceHparams, *, stats=None):
@@ -230,8 +232,9 @@ class GRACE(Editor):
         module = lm.adapter.module(lm.model, lm.adapter.mlp_name(self.hparams.layer))
         with torch.no_grad(), capture_io(module) as io:
             lm.model(input_ids=ids[:, :n_prompt])
-        query = io["input"][0, n_prompt - 1].float()                        # x* [d_in]
-        row, action, dist = self.insert(query, io["output"][0, n_prompt - 1], case)
+        grid = token_grid(ids[:, :n_prompt])                                # (1, P); OPT's fc2 sees [P, d]
+        query = as_btd(io["input"], *grid)[0, n_prompt - 1].float()         # [1, P, d_in] -> x* [d_in]
+        row, action, dist = self.insert(query, as_btd(io["output"], *grid)[0, n_prompt - 1], case)
         losses = self.train_value(lm, row, ids, n_prompt, case)
         return {"loss": losses, "steps": len(losses), "action": action, "distance": dist,
                 "n_keys": len(self.codebook), "radius": float(self.codebook.eps[row])}

@@ -41,7 +41,7 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -50,17 +50,18 @@ from ..data.case import EditCase
 from ..data.pool import PoolRecord, load_pool
 from ..models.loading import LoadedModel
 from ..tokens import context_length
-from .base import Edit, Editor, register_editor
+from .base import Capabilities, Edit, Editor, register_editor
 
 _WORD = re.compile(r"\w+")
 
 
 @dataclass
 class IkeHparams:
-    k: int = 16                    # demonstrations per edit
+    k: int = field(default=16, metadata={"min": 0})  # demonstrations per edit
     pool: str = "builtin"          # "builtin" or a CounterFact (EasyEdit) / zsRE (MEND) train JSON
-    pool_limit: int = 0            # use the first N pool records (0: all)
-    order: str = "ascending"       # "ascending" (most similar last, the paper) or "descending" (EasyEdit)
+    pool_limit: int = field(default=0, metadata={"min": 0})  # use the first N pool records (0: all)
+    # "ascending" (most similar last, the paper) or "descending" (EasyEdit)
+    order: str = field(default="ascending", metadata={"choices": ("ascending", "descending")})
 
 
 def demonstrations(rec: PoolRecord) -> list[str]:
@@ -110,7 +111,7 @@ class TfidfIndex:
 class IKE(Editor):
     name = "ike"
     Hparams = IkeHparams
-    supports_batch = True
+    capabilities = Capabilities(needs_key_stats=False, changes="prompt_prefix", batches=True, values_ahead=False)
     objectives = ("rewrite", "amplify")    # stating a fact in context can write or reinforce it, not erase it
 
     def __init__(self, hparams: IkeHparams, *, stats=None):

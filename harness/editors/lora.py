@@ -33,21 +33,21 @@ import torch.nn.functional as F
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
 from ..tokens import encode_target, pad_batch
-from .base import Edit, Editor, register_editor
+from .base import Capabilities, Edit, Editor, register_editor
 from .common import objective_loss
 
 
 @dataclass
 class LoraHparams:
-    rank: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
+    rank: int = field(default=8, metadata={"min": 1})
+    lora_alpha: float = field(default=32.0, metadata={"gt": 0})
+    lora_dropout: float = field(default=0.1, metadata={"min": 0, "lt": 1})
     target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
     layers: list = field(default_factory=list)        # layers to adapt; empty: every layer
-    num_steps: int = 70
-    lr: float = 5e-3
-    weight_decay: float = 0.0
-    early_stop_loss: float = 0.0
+    num_steps: int = field(default=70, metadata={"min": 1})
+    lr: float = field(default=5e-3, metadata={"gt": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    early_stop_loss: float = field(default=0.0, metadata={"min": 0})
 
 
 def _peft():
@@ -63,7 +63,7 @@ def _peft():
 class LoRA(Editor):
     name = "lora"
     Hparams = LoraHparams
-    supports_batch = True
+    capabilities = Capabilities(needs_key_stats=False, changes="hooks", batches=True, values_ahead=False)
     objectives = ("rewrite", "amplify", "erase")    # not "force": the edit keys on the clean prompt
 
     def __init__(self, hparams: LoraHparams, *, stats=None):

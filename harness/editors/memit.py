@@ -22,7 +22,7 @@ import torch
 
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
-from .base import Editor, register_editor
+from .base import Capabilities, Editor, register_editor
 from .common import (ContextTemplates, ValueOpt, ValuesAhead, average_key, module_io_at, optimize_values,
                      subject_last_index)
 
@@ -34,11 +34,11 @@ class ZHparams:
     ``hparams/MEMIT/EleutherAI_gpt-j-6B.json`` and ``memit_main.get_context_templates`` (5 generated prefixes of
     10 tokens, one per seed word). Family files (``hparams/<editor>/<family>.yaml``) hold only what differs."""
     layers: list = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
-    v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    kl_factor: float = 0.0625
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
+    v_num_grad_steps: int = field(default=25, metadata={"min": 1})
+    v_lr: float = field(default=0.5, metadata={"gt": 0})
+    kl_factor: float = field(default=0.0625, metadata={"min": 0})
+    v_weight_decay: float = field(default=0.5, metadata={"min": 0})
+    clamp_norm_factor: float = field(default=0.75, metadata={"gt": 0})
     context_template_length_params: list = field(default_factory=lambda: [[10, 5]])
     context_seed_prompts: list = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
     template_seed: int = 0
@@ -50,7 +50,7 @@ class ZHparams:
 
 @dataclass
 class MemitHparams(ZHparams):
-    mom2_update_weight: float = 15000.0     # lambda in lambda C + K K^T
+    mom2_update_weight: float = field(default=15000.0, metadata={"min": 0})     # lambda in lambda C + K K^T
 
 
 def layer_keys(lm: LoadedModel, layer: int, cases: Sequence[EditCase], templates: Sequence[str],
@@ -81,14 +81,15 @@ def memit_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float) 
 class MEMIT(Editor):
     name = "memit"
     Hparams = MemitHparams
-    supports_batch = True
+    capabilities = Capabilities(needs_key_stats=True, changes="weights", batches=True, values_ahead=True)
 
-    def __init__(self, hparams: MemitHparams, *, stats=None, value_batch: int = 1):
+    def __init__(self, hparams: MemitHparams, *, stats=None, value_batch: int | None = None):
         super().__init__(hparams, stats=stats)
         self.context_templates = ContextTemplates(hparams)   # context_templates(lm) -> the model's templates
         # edits whose z are optimised in one batched pass (``optimize_values``; 1: one at a time, slower batched on
         # CPU at one thread, docs/speed.md). A setting of the computation, not of the method (the z agree within
-        # float rounding), so not a hyper-parameter: the session sets it from ``--vstar-batch``
+        # float rounding), so not a hyper-parameter: None follows ``--vstar-batch`` (``self.ahead.batch``, set by the
+        # session's ``AheadPlan``)
         self.value_batch = value_batch
         self.ahead = ValuesAhead()   # z of the next single edits in one batch (``--vstar-batch``; off by default)
 
@@ -106,7 +107,7 @@ class MEMIT(Editor):
 
     def target_values(self, lm: LoadedModel, cases: Sequence[EditCase]) -> tuple[torch.Tensor, list[dict]]:
         """Z [d, n]: z_i at the last edit layer's output, optimised per edit, ``value_batch`` edits to a pass."""
-        templates, k = self.context_templates(lm), max(1, int(self.value_batch))
+        templates, k = self.context_templates(lm), max(1, int(self.value_batch or self.ahead.batch))
         name, opt = lm.adapter.layer_name(self.hparams.layers[-1]), self.hparams.value_opt()
         if len(cases) == 1:          # a single edit: maybe optimised ahead, with the next ones (``ValuesAhead``)
             z, _, info = self.ahead.value(lm, cases[0], name, templates, opt, self.edited_parameters(lm))
@@ -132,4 +133,4 @@ class MEMIT(Editor):
             lm.adapter.add_to_mlp_weight(lm.model, layer, delta)
             norms.append(float(delta.norm()))
         return {"v_loss": [x["v_loss"][-1] for x in infos], "v_steps": [x["v_steps"] for x in infos],
-                "v_batch": min(len(cases), max(1, int(self.value_batch))), "update_norms": norms}
+                "v_batch": min(len(cases), max(1, int(self.value_batch or self.ahead.batch))), "update_norms": norms}

@@ -30,7 +30,7 @@ import torch
 
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
-from .base import register_editor
+from .base import Capabilities, register_editor
 from .rome import ROME, RomeHparams
 
 
@@ -38,6 +38,7 @@ from .rome import ROME, RomeHparams
 class RROME(ROME):
     name = "r_rome"
     Hparams = RomeHparams
+    capabilities = Capabilities(needs_key_stats=True, changes="weights", batches=False, values_ahead=True)
 
     @torch.no_grad()
     def target_key(self, lm: LoadedModel, case: EditCase, k_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

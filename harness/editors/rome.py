@@ -23,7 +23,7 @@ import torch
 
 from ..data.case import EditCase
 from ..models.loading import LoadedModel
-from .base import Editor, register_editor
+from .base import Capabilities, Editor, register_editor
 from .common import ContextTemplates, ValueOpt, ValuesAhead, average_key, plain_key_value
 
 
@@ -32,11 +32,11 @@ class RomeHparams:
     """Defaults: kmeng01/rome ``hparams/ROME/EleutherAI_gpt-j-6B.json`` (the project's reference run on SmolLM2
     uses them too). Family files (``hparams/<editor>/<family>.yaml``) hold only what differs."""
     layer: int = 5
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    kl_factor: float = 0.0625
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
+    v_num_grad_steps: int = field(default=20, metadata={"min": 1})
+    v_lr: float = field(default=0.5, metadata={"gt": 0})
+    kl_factor: float = field(default=0.0625, metadata={"min": 0})
+    v_weight_decay: float = field(default=0.5, metadata={"min": 0})
+    clamp_norm_factor: float = field(default=4.0, metadata={"gt": 0})
     mom2_adjustment: bool = True            # whiten the key direction with C^-1 (as the reference does)
     context_template_length_params: list = field(default_factory=lambda: [[5, 10], [10, 10]])
     context_seed_prompts: list = field(default_factory=lambda: ["<|endoftext|>"])   # as the reference ROME
@@ -79,6 +79,7 @@ class RankOneUpdate(NamedTuple):
 class ROME(Editor):
     name = "rome"
     Hparams = RomeHparams
+    capabilities = Capabilities(needs_key_stats=True, changes="weights", batches=False, values_ahead=True)
 
     def __init__(self, hparams: RomeHparams, *, stats=None):
         super().__init__(hparams, stats=stats)

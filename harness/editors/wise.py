@@ -60,8 +60,8 @@ from ..data.case import EditCase
 from ..data.pool import load_pool
 from ..models.loading import LoadedModel
 from ..tokens import encode_target, pad_batch
-from .base import Edit, Editor, register_editor
-from .common import ContextTemplates, objective_loss
+from .base import Capabilities, Edit, Editor, register_editor
+from .common import ContextTemplates, as_btd, objective_loss, restore_shape, token_grid
 
 LONG_SEQUENCE = 100          # longer sequences are routed on their largest token distance (reference: infer mode)
 SLICEABLE = ("llama", "mistral", "qwen2", "qwen3")   # bodies that walk a ``layers`` list from ``inputs_embeds``
@@ -70,19 +70,19 @@ SLICEABLE = ("llama", "mistral", "qwen2", "qwen3")   # bodies that walk a ``laye
 @dataclass
 class WiseHparams:
     layer: int = 27
-    edit_lr: float = 1.0
-    n_iter: int = 70
-    mask_ratio: float = 0.2
-    alpha: float = 5.0                 # act_margin[0]: unrelated inputs stay below this distance
-    beta: float = 20.0                 # act_margin[1]: edited inputs rise above this distance
-    gamma: float = 10.0                # act_margin[2]: and above the unrelated ones by this much
-    act_ratio: float = 0.88
-    norm_constraint: float = 1.0       # |W' - W| <= this, entry-wise
-    weight_decay: float = 1e-5
-    save_freq: int = 500               # edits per shard
-    merge_freq: int = 1000             # edits per merge (a multiple of save_freq)
+    edit_lr: float = field(default=1.0, metadata={"gt": 0})
+    n_iter: int = field(default=70, metadata={"min": 1})
+    mask_ratio: float = field(default=0.2, metadata={"gt": 0, "max": 1})
+    alpha: float = field(default=5.0, metadata={"min": 0})  # act_margin[0]: unrelated inputs stay below this distance
+    beta: float = field(default=20.0, metadata={"min": 0})  # act_margin[1]: edited inputs rise above this distance
+    gamma: float = field(default=10.0, metadata={"min": 0})  # act_margin[2]: and above the unrelated ones by this much
+    act_ratio: float = field(default=0.88, metadata={"gt": 0})
+    norm_constraint: float = field(default=1.0, metadata={"gt": 0})  # |W' - W| <= this, entry-wise
+    weight_decay: float = field(default=1e-5, metadata={"min": 0})
+    save_freq: int = field(default=500, metadata={"min": 1})  # edits per shard
+    merge_freq: int = field(default=1000, metadata={"min": 1})  # edits per merge (a multiple of save_freq)
     retrieve: bool = True              # WISE-Retrieve (true) or WISE-Merge (false)
-    densities: float = 0.53            # TIES: fraction of each task vector kept
+    densities: float = field(default=0.53, metadata={"gt": 0, "max": 1})  # TIES: fraction of each task vector kept
     pool: str = "builtin"              # where the unrelated rows come from (harness.data.pool)
     context_template_length_params: list = field(default_factory=lambda: [[5, 5], [10, 5]])
     context_seed_prompts: list = field(default_factory=lambda: ["I", "You", "Because", "Yes", "Q: "])
@@ -125,27 +125,43 @@ def ties_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Seq
 
 
 class Router:
-    """The forward hooks: a pre-hook on the model body keeps the attention mask; the hook on the layer routes each
-    sequence to the main memory (the layer's own output, untouched) or to a side memory."""
+    """The forward hooks: a pre-hook on the model and on its body keeps the call's attention mask and token grid
+    (b, T); the hook on the layer routes each sequence to the main memory (the layer's own output, untouched) or to
+    a side memory. The model's own pre-hook is needed where its forward bypasses the body's (OPTForCausalLM calls
+    ``model.decoder`` directly); where both fire they keep the same call's values."""
 
     def __init__(self, wise: "WISE", lm: LoadedModel):
         self.wise, self.mask = wise, None
+        self.grid: tuple[int, int] | None = None   # (b, T) of the current call's input_ids / inputs_embeds
         self.act = ACT2FN[getattr(lm.model.config, "hidden_act", None)
                           or getattr(lm.model.config, "activation_function", "gelu_new")]
         self.module = lm.adapter.module(lm.model, lm.adapter.mlp_name(wise.hparams.layer))
         self.bias = getattr(self.module, "bias", None)
         self.training: dict | None = None          # while an edit trains: {"weight": W', "out": (orig, side)}
-        self.handles = [lm.model.base_model.register_forward_pre_hook(self._keep_mask, with_kwargs=True),
-                        self.module.register_forward_hook(self._route)]
+        bodies = [lm.model] + ([lm.model.base_model] if lm.model.base_model is not lm.model else [])
+        self.handles = [b.register_forward_pre_hook(self._keep_mask, with_kwargs=True) for b in bodies]
+        self.handles.append(self.module.register_forward_hook(self._route))
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
 
-    def _keep_mask(self, _module, _args, kwargs):
+    def _keep_mask(self, _module, args, kwargs):
         mask = kwargs.get("attention_mask")
-        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None    # [B, T_all]
+        x = next((kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None),
+                 args[0] if args else None)                                  # [B, T] ids or [B, T, d] embeddings
+        self.grid = token_grid(x) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+    def tokens(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """(B, T) of the layer's input x: [B, T, d_in] itself, or [B * T, d_in] (OPT's flattened MLP) with the
+        call's grid; None when unknown."""
+        if x.dim() == 3:
+            return int(x.shape[0]), int(x.shape[1])
+        if x.dim() == 2 and self.grid is not None and self.grid[0] * self.grid[1] == x.shape[0]:
+            return self.grid
+        return None
 
     def valid(self, shape: torch.Size, device) -> torch.Tensor:
         """[B, T] bool: the real tokens of the current call (all of them when no usable mask was seen)."""
@@ -166,23 +182,25 @@ class Router:
         return (d * valid).sum(1) / valid.sum(1).clamp(min=1)
 
     def _route(self, _module, inputs, output):
-        x = inputs[0]
-        if self.training is not None:               # editing: every row through W'
+        x = inputs[0]                               # [B, T, d_in], or [B * T, d_in] (OPT)
+        if self.training is not None:               # editing: every row through W' (in the module's own shape)
             side = self.side(x, self.training["weight"])
             self.training["out"] = (output, side)
             return side
         memories = self.wise.routable()
-        if not memories or x.dim() != 3:
+        grid = self.tokens(x) if memories else None
+        if grid is None:
             return output
+        x, out3 = as_btd(x, *grid), as_btd(output, *grid)                                     # [B, T, d]
         valid = self.valid(x.shape, x.device)
-        sides = [self.side(x, m.weight) for m, _ in memories]
-        dists = torch.stack([self.distance(output, s, valid, infer=True) for s in sides])   # [M, B]
+        sides = [self.side(x, m.weight) for m, _ in memories]                                 # [B, T, d_out]
+        dists = torch.stack([self.distance(out3, s, valid, infer=True) for s in sides])     # [M, B]
         thresholds = torch.tensor([thr for _, thr in memories], device=dists.device)[:, None]
         choice = self.wise.choose(dists, thresholds)                                          # [B], -1 = main
-        out = output
+        out = out3
         for j, s in enumerate(sides):
             out = torch.where((choice == j)[:, None, None], s, out)
-        return out
+        return restore_shape(out, output)                                                     # the module's shape
 
 
 class UpperLayers:
@@ -232,7 +250,7 @@ class _Stop(Exception):
 class WISE(Editor):
     name = "wise"
     Hparams = WiseHparams
-    supports_batch = False
+    capabilities = Capabilities(needs_key_stats=False, changes="hooks", batches=False, values_ahead=False)
     objectives = ("rewrite", "amplify", "erase")    # not "force": the edit keys on the clean prompt
 
     def __init__(self, hparams: WiseHparams, *, stats=None):
@@ -463,7 +481,7 @@ class WISE(Editor):
             hidden = body(**inputs, attention_mask=mask, use_cache=False).last_hidden_state          # [n, T, d]
             nll = F.cross_entropy(head(hidden[rows, cols]).float(), gold, reduction="none")         # [sum t]
             per_row = torch.zeros(n_tpl, device=w.device).index_add(0, rows, nll) / n_tgt          # [n_tpl]
-            orig, side = router.training["out"]
+            orig, side = (as_btd(t, *token_grid(mask)) for t in router.training["out"])     # [n, T, d_out]
             dist = router.distance(orig, side, valid, infer=False)                                  # [n]
             in_d, out_d = dist[:n_tpl], dist[n_tpl]
             loss = objective_loss(per_row, case.objective) + self.activation_loss(in_d, out_d)

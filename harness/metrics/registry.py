@@ -31,7 +31,8 @@ class MetricSpec:
     """One metric (or a family of metrics, when ``name`` holds ``{placeholders}``).
 
     higher_is_better: True / False, or None for a metric with no direction for an editor (a property of the
-    unedited model, a diagnostic, a correlation): shown, never ranked or gated on.
+    unedited model, a diagnostic, a correlation): shown, never ranked or gated on. A metric without a direction
+    says why in ``why_no_direction`` (the registry refuses one that does not).
     aggregation: "mean" | "median" | "min" (e.g. edits_to_collapse: the first collapse over runs; a missing value
     means never, i.e. +inf) | "none" (series and tables: per record only).
     relative: compare changes as current / baseline - 1 (ratios, perplexities, counts, seconds) rather than as
@@ -49,6 +50,7 @@ class MetricSpec:
     relative: bool = False
     headline: bool = False
     registered: bool = True
+    why_no_direction: str = ""
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -61,7 +63,9 @@ class MetricSpec:
     @property
     def tooltip(self) -> str:
         """One line for a column header: description, unit, direction, protocol."""
-        direction = {True: "higher is better", False: "lower is better", None: "no direction"}[self.higher_is_better]
+        direction = {True: "higher is better", False: "lower is better",
+                     None: f"no direction ({self.why_no_direction})" if self.why_no_direction else "no direction"
+                     }[self.higher_is_better]
         parts = [self.description or self.name, f"unit: {self.unit}" if self.unit else "", direction,
                  f"protocol: {self.protocol}" if self.protocol else ""]
         return "; ".join(p for p in parts if p)
@@ -83,16 +87,34 @@ def _pattern(name: str) -> re.Pattern[str]:
 
 
 class MetricRegistry:
-    """Exact names first, then family patterns in registration order (register the specific ones first)."""
+    """Exact names first, then family patterns in registration order (register the specific ones first).
 
-    def __init__(self) -> None:
+    ``builtins``: the registry loads the protocol-owned built-in specs on its first lookup, so a library caller
+    (``harness.report.compare``) gets the same directions as the CLI and the plugin without calling
+    ``register_builtin_specs()`` first. They are named, not imported (``BUILTIN_LOADER``, like an entry point):
+    metrics sit below the protocols that own those specs, and imports point down only."""
+
+    BUILTIN_LOADER = "harness.specs:register_builtin_specs"
+
+    def __init__(self, builtins: bool = False) -> None:
         self._exact: dict[str, MetricSpec] = {}
         self._families: list[tuple[re.Pattern[str], Callable[[str, dict[str, str]], MetricSpec | None]]] = []
         self._order: list[str] = []
+        self._builtins_pending = builtins
+
+    def _load_builtins(self) -> None:
+        if self._builtins_pending:
+            self._builtins_pending = False            # first: register_builtin_specs looks names up itself
+            import importlib
+            module, _, function = self.BUILTIN_LOADER.partition(":")
+            getattr(importlib.import_module(module), function)(self)
 
     def register(self, spec: MetricSpec) -> MetricSpec:
         """Register an exact name, or a family when ``spec.name`` has ``{placeholders}`` (formatted into the
-        label and description of each member)."""
+        label and description of each member). A spec without a direction must say why (``why_no_direction``)."""
+        if spec.higher_is_better is None and not spec.why_no_direction:
+            raise ValueError(f"metric {spec.name!r} has no direction: give higher_is_better (True/False) or say in "
+                             "why_no_direction why it has none")
         if _PLACEHOLDER.search(spec.name):
             def member(name: str, groups: dict[str, str], spec: MetricSpec = spec) -> MetricSpec:
                 return replace(spec, name=name, label=spec.label.format(**groups),
@@ -111,6 +133,7 @@ class MetricRegistry:
 
     def get(self, name: str) -> MetricSpec | None:
         """The spec of ``name``, or None when it is not registered."""
+        self._load_builtins()
         if name in self._exact:
             return self._exact[name]
         for pattern, make in self._families:
@@ -122,10 +145,12 @@ class MetricRegistry:
     def spec(self, name: str) -> MetricSpec:
         """The spec of ``name``; an unregistered name gets a direction-less mean (shown, never compared)."""
         return self.get(name) or MetricSpec(name, "", None, "mean", label=name, registered=False,
-                                            description="not in the metric registry (shown, never compared)")
+                                            description="not in the metric registry (shown, never compared)",
+                                            why_no_direction="not in the metric registry")
 
     def order(self, name: str) -> tuple[int, str]:
         """Sort key: registration order of the exact name or family, unregistered names last."""
+        self._load_builtins()
         if name in self._exact:
             return (self._order.index(name), name)
         for i, registered in enumerate(self._order):
@@ -134,10 +159,23 @@ class MetricRegistry:
         return (len(self._order), name)
 
     def names(self) -> list[str]:
+        self._load_builtins()
         return list(self._order)
 
+    def specs(self) -> list[MetricSpec]:
+        """Every registered spec: the exact names, and one representative member per family (placeholders filled
+        with their own names, e.g. ``downstream_task_after``)."""
+        self._load_builtins()
+        out = []
+        for name in self._order:
+            if name in self._exact:
+                out.append(self._exact[name])
+            elif (spec := self.get(_PLACEHOLDER.sub(lambda m: m.group(1), name))) is not None:
+                out.append(spec)
+        return out
 
-REGISTRY = MetricRegistry()
+
+REGISTRY = MetricRegistry(builtins=True)
 register_metric = REGISTRY.register
 get_metric = REGISTRY.get
 metric_spec = REGISTRY.spec
@@ -151,9 +189,24 @@ SWEEP = "layer sweep (Hase et al. 2023)"
 PROBLEM = "editing problems (Hase et al. 2023): share of the possible change in P(target) achieved"
 
 
+# why a metric has no direction (MetricSpec.why_no_direction): what kind of number it is
+MODEL_PROPERTY = "a property of the unedited model, the same for every editor"
+RUN_SETTING = "a count or setting of the run, not a result"
+SERIES = "a series or table, read per record; its scalar summaries carry the direction"
+CASE_SET = "a property of the case set, chosen by the suite, not a result of the editor"
+CORRELATION = "a correlation: its sign and size are the finding, neither is better"
+DIAGNOSTIC = "a diagnostic of where the model stores a fact, not a score of the editor"
+LAYER = "a layer index: where, not how well"
+FIT = "an explanatory fit (R^2) of edit success, a finding about the model, not a score of the editor"
+ABSOLUTE_NORM = "an absolute norm that depends on the model; its growth (norm_growth) is directed"
+OBJECTIVE = ("P(target) after the edit: higher for rewrite/amplify/force, lower for erase; the problem scores are "
+             "directed")
+
+
 def _m(name: str, protocol: str, higher: bool | None, label: str, description: str, unit: str = "fraction",
-       aggregation: str = "mean", relative: bool = False, headline: bool = False) -> None:
-    register_metric(MetricSpec(name, protocol, higher, aggregation, unit, label, description, relative, headline))
+       aggregation: str = "mean", relative: bool = False, headline: bool = False, why: str = "") -> None:
+    register_metric(MetricSpec(name, protocol, higher, aggregation, unit, label, description, relative, headline,
+                               why_no_direction=why))
 
 
 # single edits: CounterFact (ROME) and EasyEdit token accuracy
@@ -172,11 +225,12 @@ _m("ppl_ratio", PPL, False, "ppl x", "perplexity after the edit(s) / before, on 
    relative=True, headline=True)
 _m("ppl_after", PPL, False, "ppl after", "perplexity of the edited model on general text", "perplexity",
    relative=True)
-_m("ppl_before", PPL, None, "ppl before", "perplexity of the unedited model (a property of the model)", "perplexity")
+_m("ppl_before", PPL, None, "ppl before", "perplexity of the unedited model (a property of the model)", "perplexity",
+   why=MODEL_PROPERTY)
 _m("ppl_token_after", "token-weighted perplexity", False, "token ppl after", "exp(total NLL / tokens), edited",
    "perplexity", relative=True)
 _m("ppl_token_before", "token-weighted perplexity", None, "token ppl before", "exp(total NLL / tokens), unedited",
-   "perplexity")
+   "perplexity", why=MODEL_PROPERTY)
 # locality
 _m("neighborhood_retained", CF, True, "NS retained", "neighbourhood prompts the unedited model got right that "
    "stay right after the edit", headline=True)
@@ -189,9 +243,9 @@ _m("qa_locality", "easyedit locality (teacher-forced argmax unchanged)", True, "
 _m("qa_locality_acc", "teacher-forced argmax accuracy of loc_ans after loc", True, "QA acc",
    "accuracy on the locality questions after the edit")
 _m("qa_locality_acc_pre", "teacher-forced argmax accuracy of loc_ans after loc", None, "QA acc before",
-   "accuracy on the locality questions before the edit (a property of the model)")
+   "accuracy on the locality questions before the edit (a property of the model)", why=MODEL_PROPERTY)
 _m("drift_positions", "predicted positions of the general texts", None, "drift positions",
-   "positions the KL and top-1 drift are averaged over", "positions")
+   "positions the KL and top-1 drift are averaged over", "positions", why=RUN_SETTING)
 # sequential editing
 _m("edits_to_collapse", "perplexity ratio reaching the collapse threshold", True, "edits to collapse",
    "fewest edits after which the perplexity ratio reached the collapse threshold (never: the stream survived)",
@@ -201,38 +255,43 @@ _m("efficacy_immediate", CF, True, "ES immediate", "efficacy success right after
 _m("efficacy_final", CF, True, "ES final", "every edit re-scored after the last one", headline=True)
 _m("paraphrase_final", CF, True, "PS final", "paraphrase success of every edit after the last one")
 _m("neighborhood_final", CF, True, "NS final", "neighbourhood success of every edit after the last one")
-_m("n_edits", "sequential stream", None, "edits", "edits made in the stream", "edits")
+_m("n_edits", "sequential stream", None, "edits", "edits made in the stream", "edits", why=RUN_SETTING)
 for _series, _text in (("ppl_curve", "[n_edits, perplexity] after each scheduled edit count"),
                        ("norm_l1", "[n_edits, mean |W|] of the (first) edited weight after each edit"),
                        ("norm_l1_by_param", "per edited weight: [n_edits, mean |W|]"),
                        ("delta_fro", "[n_edits, ||W - W0||_F summed over edited weights]"),
                        ("downstream_series", "per state of a sequential run: n_edits, perplexity, accuracy per task")):
-    _m(_series, "sequential stream", None, _series, _text, "series", aggregation="none")
+    _m(_series, "sequential stream", None, _series, _text, "series", aggregation="none", why=SERIES)
 # edited-layer norms (the D4S paper's L1 norm: sum |W| over the edited weights), sequential and diversity suites
 NORM = "sum |W| over the edited weights (D4S's L1 norm)"
 _m("norm_growth", NORM, False, "norm x", "L1 norm of the edited layers after the stream / before", "ratio",
    relative=True, headline=True)
-_m("l1_before", NORM, None, "L1 before", "L1 norm of the edited layers, unedited model", "sum |W|")
-_m("l1_after", NORM, None, "L1 after", "L1 norm of the edited layers after the stream", "sum |W|")
+_m("l1_before", NORM, None, "L1 before", "L1 norm of the edited layers, unedited model", "sum |W|", why=ABSOLUTE_NORM)
+_m("l1_after", NORM, None, "L1 after", "L1 norm of the edited layers after the stream", "sum |W|", why=ABSOLUTE_NORM)
 # target diversity (diversity suite, docs/diversity.md): the set's diversity, the stream's decline, correlations
 DIV = "diversity suite (Huang et al. 2024)"
 _m("efficacy_decline", CF, False, "ES decline", "efficacy right after each edit minus after the last edit")
-_m("ppl_after_n", PPL, None, "ppl at", "edits after which ppl_after / ppl_ratio were measured", "edits")
-_m("n_distinct_targets", DIV, None, "targets", "distinct new targets of the set", "targets")
-_m("target_entropy", DIV, None, "H(target)", "entropy of the set's new targets", "bits")
-_m("n_distinct_target_tokens", DIV, None, "target tokens", "distinct tokens of the set's new targets", "tokens")
-_m("token_entropy", DIV, None, "H(token)", "entropy over every token of the set's new targets", "bits")
-_m("mean_target_tokens", DIV, None, "tokens/target", "mean tokens per new target", "tokens")
-_m("target_nll", DIV, None, "target NLL", "mean NLL of the new targets on the unedited model", "nats/token")
+_m("ppl_after_n", PPL, None, "ppl at", "edits after which ppl_after / ppl_ratio were measured", "edits",
+   why=RUN_SETTING)
+_m("n_distinct_targets", DIV, None, "targets", "distinct new targets of the set", "targets", why=CASE_SET)
+_m("target_entropy", DIV, None, "H(target)", "entropy of the set's new targets", "bits", why=CASE_SET)
+_m("n_distinct_target_tokens", DIV, None, "target tokens", "distinct tokens of the set's new targets", "tokens",
+   why=CASE_SET)
+_m("token_entropy", DIV, None, "H(token)", "entropy over every token of the set's new targets", "bits", why=CASE_SET)
+_m("mean_target_tokens", DIV, None, "tokens/target", "mean tokens per new target", "tokens", why=CASE_SET)
+_m("target_nll", DIV, None, "target NLL", "mean NLL of the new targets on the unedited model", "nats/token",
+   why=CASE_SET)
 _m("norm_efficacy_spearman", DIV, None, "rho(L1, ES)", "Spearman of L1 norm and accuracy-so-far along the stream",
-   "correlation")
+   "correlation", why=CORRELATION)
 _m("norm_efficacy_pearson", DIV, None, "r(L1, ES)", "Pearson of L1 norm and accuracy-so-far along the stream",
-   "correlation")
-_m("norm_efficacy_n", DIV, None, "checkpoints", "checkpoints in the norm-accuracy correlation", "checkpoints")
-_m("n_sets", DIV, None, "sets", "diversity sets compared", "sets")
+   "correlation", why=CORRELATION)
+_m("norm_efficacy_n", DIV, None, "checkpoints", "checkpoints in the norm-accuracy correlation", "checkpoints",
+   why=RUN_SETTING)
+_m("n_sets", DIV, None, "sets", "diversity sets compared", "sets", why=RUN_SETTING)
 for _kind in ("spearman", "pearson"):
     _m(f"diversity_{{measure}}_{_kind}", DIV, None, f"{_kind} diversity-{{measure}}",
-       f"{_kind} correlation of target entropy and {{measure}} across one editor's sets", "correlation")
+       f"{_kind} correlation of target entropy and {{measure}} across one editor's sets", "correlation",
+       why=CORRELATION)
 for _series, _text in (("ppl_ratio_curve", "[n_edits, ppl / ppl before] on the perplexity schedule"),
                        ("efficacy_curve", "[n_edits, efficacy of every edit made so far] after each edit"),
                        ("l1_curve", "[n_edits, sum |W| over the edited weights] after each edit"),
@@ -241,25 +300,28 @@ for _series, _text in (("ppl_ratio_curve", "[n_edits, ppl / ppl before] on the p
                        ("downstream_{task}_curve", "[n_edits, {task} accuracy] at the perplexity checkpoints"),
                        ("efficacy_immediate_each", "each edit's efficacy right after it was made"),
                        ("diversity_table", "per set: diversity and decline after the stream")):
-    _m(_series, DIV, None, _series, _text, "series", aggregation="none")
+    _m(_series, DIV, None, _series, _text, "series", aggregation="none", why=SERIES)
 # downstream (lm-eval)
 _m("downstream_{task}_after", "lm-eval zero-shot", True, "{task} after", "lm-eval accuracy on {task} after the edit(s)",
    "accuracy")
 _m("downstream_{task}_before", "lm-eval zero-shot", None, "{task} before",
-   "lm-eval accuracy on {task} of the unedited model", "accuracy")
+   "lm-eval accuracy on {task} of the unedited model", "accuracy", why=MODEL_PROPERTY)
 _m("downstream_{task}_drop", "lm-eval zero-shot", False, "{task} drop", "accuracy before - after on {task}",
    "accuracy", headline=True)
 for _corr in ("ppl_downstream_spearman", "ppl_downstream_pearson", "logppl_downstream_pearson"):
     _m(f"{_corr}_{{task}}", "over the states of a sequential run", None, f"{_corr.split('_')[-1]} {{task}}",
-       f"{_corr.replace('_', ' ')} correlation between perplexity and {{task}} accuracy", "correlation")
+       f"{_corr.replace('_', ' ')} correlation between perplexity and {{task}} accuracy", "correlation",
+       why=CORRELATION)
 _m("corr_states_{task}", "over the states of a sequential run", None, "states {task}",
-   "states in the {task} correlation", "states")
+   "states in the {task} correlation", "states", why=RUN_SETTING)
 # causal tracing and the layer sweep (diagnostics of the model, or of where an editor works)
-_m("p_clean", TRACE, None, "P clean", "P(answer) of the clean run", "probability")
-_m("p_corrupted", TRACE, None, "P noised", "P(answer) with the subject noised", "probability")
-_m("corruption_drop", TRACE, None, "noise drop", "P clean - P noised", "probability")
-_m("peak_layer_{kind}", TRACE, None, "peak layer {kind}", "layer of the largest {kind} tracing effect", "layer")
-_m("max_effect_{kind}", TRACE, None, "max effect {kind}", "largest {kind} tracing effect", "probability")
+_m("p_clean", TRACE, None, "P clean", "P(answer) of the clean run", "probability", why=DIAGNOSTIC)
+_m("p_corrupted", TRACE, None, "P noised", "P(answer) with the subject noised", "probability", why=DIAGNOSTIC)
+_m("corruption_drop", TRACE, None, "noise drop", "P clean - P noised", "probability", why=DIAGNOSTIC)
+_m("peak_layer_{kind}", TRACE, None, "peak layer {kind}", "layer of the largest {kind} tracing effect", "layer",
+   why=LAYER)
+_m("max_effect_{kind}", TRACE, None, "max effect {kind}", "largest {kind} tracing effect", "probability",
+   why=DIAGNOSTIC)
 for _table, _text in (("tracing_effect", "tracing effect per layer (per kind, or mean over swept facts)"),
                       ("tracing_effect_by_kind", "mean tracing effect per layer and kind"),
                       ("tracing_effect_per_fact", "tracing effect per layer and fact"),
@@ -267,23 +329,29 @@ for _table, _text in (("tracing_effect", "tracing effect per layer (per kind, or
                       ("edit_success_per_fact", "edit success per layer and fact"),
                       ("efficacy_by_layer", "mean efficacy per swept layer"),
                       ("layers", "swept layers")):
-    _m(_table, SWEEP if _table != "tracing_effect" else TRACE, None, _table, _text, "table", aggregation="none")
-_m("window", SWEEP, None, "window", "layers edited together", "layers")
+    _m(_table, SWEEP if _table != "tracing_effect" else TRACE, None, _table, _text, "table", aggregation="none",
+       why=SERIES)
+_m("window", SWEEP, None, "window", "layers edited together", "layers", why=RUN_SETTING)
 _m("best_edit_success", SWEEP, True, "best success", "mean edit success at the best swept layer", headline=True)
-_m("best_layer", SWEEP, None, "best layer", "swept layer with the best edit success", "layer")
-_m("peak_tracing_layer", SWEEP, None, "peak tracing layer", "swept layer with the largest tracing effect", "layer")
-_m("r2_tracing", SWEEP, None, "R2 tracing", "OLS R^2 of edit success on [1, tracing effect]", "R^2", headline=True)
-_m("r2_layer", SWEEP, None, "R2 layer", "OLS R^2 of edit success on one-hot(layer)", "R^2", headline=True)
-_m("r2_both", SWEEP, None, "R2 both", "OLS R^2 of edit success on [one-hot(layer), tracing effect]", "R^2")
-_m("n_points", SWEEP, None, "points", "(fact, layer) points in the R^2 fits", "points")
-_m("r2_tracing_{kind}", SWEEP, None, "R2 tracing {kind}", "R^2 of edit success on the {kind} tracing effect", "R^2")
+_m("best_layer", SWEEP, None, "best layer", "swept layer with the best edit success", "layer", why=LAYER)
+_m("peak_tracing_layer", SWEEP, None, "peak tracing layer", "swept layer with the largest tracing effect", "layer",
+   why=LAYER)
+_m("r2_tracing", SWEEP, None, "R2 tracing", "OLS R^2 of edit success on [1, tracing effect]", "R^2", headline=True,
+   why=FIT)
+_m("r2_layer", SWEEP, None, "R2 layer", "OLS R^2 of edit success on one-hot(layer)", "R^2", headline=True, why=FIT)
+_m("r2_both", SWEEP, None, "R2 both", "OLS R^2 of edit success on [one-hot(layer), tracing effect]", "R^2", why=FIT)
+_m("n_points", SWEEP, None, "points", "(fact, layer) points in the R^2 fits", "points", why=RUN_SETTING)
+_m("r2_tracing_{kind}", SWEEP, None, "R2 tracing {kind}", "R^2 of edit success on the {kind} tracing effect", "R^2",
+   why=FIT)
 # the five editing problems
 _m("rewrite_score", PROBLEM, True, "rewrite", "on the rewrite prompt", "score", headline=True)
 _m("paraphrase_score", PROBLEM, True, "paraphrase", "on the paraphrase prompts", "score")
 _m("neighborhood_score", PROBLEM, True, "neighbourhood", "neighbourhood prompts left alone", "score")
 _m("problem_score", PROBLEM, True, "problem score", "harmonic mean of the three scores", "score", headline=True)
-_m("p_target_pre", PROBLEM, None, "P target before", "P(target) on the rewrite prompt before the edit", "probability")
-_m("p_target_post", PROBLEM, None, "P target after", "P(target) on the rewrite prompt after the edit", "probability")
+_m("p_target_pre", PROBLEM, None, "P target before", "P(target) on the rewrite prompt before the edit", "probability",
+   why=MODEL_PROPERTY)
+_m("p_target_post", PROBLEM, None, "P target after", "P(target) on the rewrite prompt after the edit", "probability",
+   why=OBJECTIVE)
 
 
 def _before_edit(name: str, groups: dict[str, str]) -> MetricSpec | None:
@@ -292,7 +360,7 @@ def _before_edit(name: str, groups: dict[str, str]) -> MetricSpec | None:
     if base is None:
         return None
     return replace(base, name=name, higher_is_better=None, headline=False, label=f"{base.display} before",
-                   description=f"{base.description or base.name}, before the edit")
+                   description=f"{base.description or base.name}, before the edit", why_no_direction=MODEL_PROPERTY)
 
 
 REGISTRY.register_family("{base}_pre", _before_edit)

@@ -1,5 +1,10 @@
 """Per-architecture adapters: where the MLP output projection, the residual stream and the embedding live.
 
+Where: ``--arch-override`` first (any of the fields), then the table below (``FAMILIES``, keyed by
+``config.model_type``: the families the harness was measured on), then the model's own structure
+(``harness.models.structure``: block list, MLP and attention output projections, input embeddings). How each
+module was chosen is kept on the adapter (``found_by``, ``notes``) and recorded in the run's provenance.
+
 Editors speak in "linear convention": an MLP output weight is a matrix W of shape [d_out, d_in] that maps a key
 k (the MLP's hidden activation, d_in) to a value v = W k (the residual-stream write, d_out). GPT-2's Conv1D keeps
 the transpose, [d_in, d_out]; the adapter hides that.
@@ -7,10 +12,12 @@ the transpose, [d_in, d_out]; the adapter hides that.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+
+from .structure import Found, StructureError, config_layers, detect
 
 
 class UnknownArchitectureError(ValueError):
@@ -25,6 +32,8 @@ class ArchAdapter:
     attn_out: str    # attention output projection
     embed: str       # token embedding
     transposed: bool = False  # True for GPT-2's Conv1D (weight stored [d_in, d_out])
+    found_by: str = "table"   # "table", "structure" or "override", joined with "+" when mixed
+    notes: dict = field(default_factory=dict, compare=False)  # field -> how it was found (structure detection)
 
     # --- names ---------------------------------------------------------------------------------------
     def layer_name(self, layer: int) -> str:
@@ -34,6 +43,10 @@ class ArchAdapter:
         return self.mlp_out.format(layer)
 
     def attn_name(self, layer: int) -> str:
+        if not self.attn_out:
+            raise UnknownArchitectureError(
+                f"the attention output projection of family {self.family!r} was not found by structure; pass "
+                "--arch-override 'attn_out=<module path with {} for the layer>'")
         return self.attn_out.format(layer)
 
     def weight_name(self, layer: int) -> str:
@@ -47,14 +60,26 @@ class ArchAdapter:
         index = name[len(head):].split(".", 1)[0]
         return int(index) if index.isdigit() else None
 
+    def describe(self) -> dict:
+        """The modules and how they were found, as recorded in the run's provenance (``architecture``)."""
+        return {"family": self.family, "found_by": self.found_by, "layers": self.layers, "mlp_out": self.mlp_out,
+                "transposed": self.transposed, "attn_out": self.attn_out or None, "embed": self.embed,
+                "notes": dict(self.notes)}
+
     # --- modules and weights -------------------------------------------------------------------------
-    @staticmethod
-    def n_layers(model: nn.Module) -> int:
-        cfg = model.config
-        for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-            if hasattr(cfg, attr):
-                return int(getattr(cfg, attr))
-        raise UnknownArchitectureError("cannot tell the number of layers from the model config")
+    def n_layers(self, model: nn.Module) -> int:
+        """The number of decoder blocks: the length of the block list, else the config's count."""
+        head = self.layers.split("{}", 1)[0].rstrip(".")
+        try:
+            blocks = model.get_submodule(head) if head else None
+        except AttributeError:
+            blocks = None
+        if isinstance(blocks, nn.ModuleList):
+            return len(blocks)
+        n = config_layers(model)
+        if n is None:
+            raise UnknownArchitectureError("cannot tell the number of layers from the model config")
+        return n
 
     def module(self, model: nn.Module, name: str) -> nn.Module:
         try:
@@ -114,21 +139,63 @@ def parse_override(text: str | None) -> dict[str, str] | None:
     return out
 
 
+OVERRIDE_KEYS = ("family", "layers", "mlp_out", "attn_out", "embed", "transposed")
+MODULE_KEYS = ("layers", "mlp_out", "attn_out", "embed")
+
+
 def adapter_for(model: nn.Module, override: dict | None = None) -> ArchAdapter:
-    """The adapter for ``model``'s family, with ``override`` fields replacing the defaults."""
+    """The adapter for ``model``: ``override`` fields first, then the table entry of its ``model_type``, then what
+    its structure shows (``harness.models.structure``). An UnknownArchitectureError (one line: why, and what to
+    pass to ``--arch-override``) when the modules cannot be found, the MLP is a mixture of experts, or a name
+    does not exist in the model."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    base = FAMILIES.get(model_type or "")
     override = dict(override or {})
+    unknown = sorted(set(override) - set(OVERRIDE_KEYS))
+    if unknown:
+        raise UnknownArchitectureError(f"--arch-override: unknown key {unknown[0]!r}; keys: {', '.join(OVERRIDE_KEYS)}")
     if "transposed" in override and isinstance(override["transposed"], str):
         override["transposed"] = override["transposed"].lower() in ("1", "true", "yes")
+    base = FAMILIES.get(model_type or "")
+    if base is not None and not override and not _resolves(model, base):
+        base = None                         # a table family with other module names (remote code): by structure
+    if base is not None:
+        base = replace(base, notes={"modules": f"the adapter table's entry for model_type {model_type!r}"})
     if base is None:
-        needed = {"layers", "mlp_out", "attn_out", "embed"}
-        if not needed <= set(override):
-            raise UnknownArchitectureError(
-                f"unknown architecture {model_type!r} (known: {', '.join(sorted(FAMILIES))}); pass "
-                f"--arch-override 'layers=...{{}},mlp_out=...{{}},attn_out=...{{}},embed=...' naming its modules"
-            )
-        base = ArchAdapter(family=override.pop("family", model_type or "custom"), **{k: override.pop(k) for k in needed})
-    adapter = replace(base, **override) if override else base
-    adapter.module(model, adapter.mlp_name(0))  # fail now, not mid-edit, when a name is wrong
+        base = _by_structure(model, model_type, override)
+    if override:
+        named = [k for k in override if k != "family"]
+        found_by = ("override" if set(MODULE_KEYS) <= set(override) else
+                    f"{base.found_by}+override" if named else base.found_by)
+        notes = {**base.notes, **{k: f"--arch-override {k}={v}" for k, v in override.items()}}
+        adapter = replace(base, **override, found_by=found_by, notes=notes)
+    else:
+        adapter = base
+    for layer in sorted({0, adapter.n_layers(model) - 1}):   # fail now, not mid-edit, when a name is wrong
+        adapter.module(model, adapter.mlp_name(layer))
     return adapter
+
+
+def _resolves(model: nn.Module, adapter: ArchAdapter) -> bool:
+    try:
+        model.get_submodule(adapter.mlp_name(0))
+        return True
+    except AttributeError:
+        return False
+
+
+def _by_structure(model: nn.Module, model_type: str | None, override: dict) -> ArchAdapter:
+    """An adapter from ``model``'s structure for the module fields ``override`` does not name."""
+    need = tuple(k for k in MODULE_KEYS if k not in override)
+    found = Found()
+    if need:
+        try:
+            found = detect(model, need)
+        except StructureError as e:
+            name = model_type or type(model).__name__
+            raise UnknownArchitectureError(
+                f"architecture {name!r} ({type(model).__name__}) is not in the adapter table and {e}; pass "
+                "--arch-override 'mlp_out=<path of a dense MLP output projection, {} for the layer>' (also layers=, "
+                "attn_out=, embed= for what was not found; docs/models.md)") from None
+    fields = {k: getattr(found, k) or "" for k in MODULE_KEYS}
+    return ArchAdapter(family=model_type or "custom", transposed=found.transposed, found_by="structure",
+                       notes=dict(found.notes), **fields)

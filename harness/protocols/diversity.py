@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..data.case import EditCase
 from ..data.diversity import DiversitySet
-from ..editing import checked_parameters, unchanged
+from ..editing import guarded
 from ..editors.base import Editor
 from ..metrics.decline import DeclineCurve, DeclinePoint, diversity_decline, rewrite_efficacy, target_nll
 from ..metrics.norms import total_l1, weight_norms
@@ -155,7 +155,7 @@ def diversity(session: HarnessSession, editor: Editor, dset: DiversitySet, timer
     edit, norm growth, the norm-accuracy correlation, and the set's diversity and target NLL."""
     o, lm = session.options, session.lm
     after, base, why_not = _downstream(session)
-    with unchanged(lm, checked_parameters(lm, editor), f"the {dset.kind} stream of {editor.name}"):
+    with guarded(lm, editor, f"the {dset.kind} stream of {editor.name}"):
         stream = decline_stream(lm, editor, list(dset.cases), perplexity=lambda: session.perplexity().mean_ppl,
                                 ppl_base=session.base_perplexity().mean_ppl,
                                 journal_dir=Path(o.report_dir) / "diversity", timer=timer,
@@ -173,8 +173,8 @@ def diversity_summary(measurements: Sequence[Measurement]) -> Measurement:
     """Across one editor's streams (one per set, the same length): Spearman / Pearson of target entropy against
     each decline measure (:func:`harness.metrics.decline.diversity_decline`), and a row per set."""
     rows = [m.metrics for m in measurements]
-    keys = ("target_entropy", "target_nll", "ppl_ratio", "efficacy_immediate", "efficacy_final", "efficacy_decline",
-            "norm_growth", "norm_efficacy_spearman", "norm_efficacy_pearson")
+    keys = ("n_edits", "target_entropy", "target_nll", "ppl_ratio", "efficacy_immediate", "efficacy_final",
+            "efficacy_decline", "norm_growth", "norm_efficacy_spearman", "norm_efficacy_pearson")
     table = [{"set": m.info["diversity_set"], **{k: m.metrics.get(k) for k in keys}} for m in measurements]
     metrics = {**diversity_decline(rows), "diversity_table": table}
     measure = metrics.pop("diversity_measure")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..downstream import StateSeries, downstream_metrics
-from ..editing import adds_instead_of_writing, checked_parameters, edited, unchanged
+from ..editing import edited, guarded
 from ..sequential import SequentialRun
 from ..timing import PhaseTimer
 from .base import Measurement
@@ -61,8 +61,7 @@ def state_series(session: HarnessSession, editor: Editor, cases: Sequence[EditCa
     run = SequentialRun(lm, editor, cases, perplexity=probe, ppl_base=series.states[0]["ppl"],
                         journal_dir=Path(o.report_dir) / "correlation", batch_size=1, ppl_schedule="every",
                         resume=False, progress=o.progress)
-    with unchanged(lm, checked_parameters(lm, editor), f"the correlation run of {editor.name}",
-                   hooks=adds_instead_of_writing(editor)):
+    with guarded(lm, editor, f"the correlation run of {editor.name}"):
         run.run(inner)
     for k, v in inner.seconds.items():
         if k != "perplexity":

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..editing import adds_instead_of_writing, checked_parameters, unchanged
+from ..editing import guarded
 from ..metrics.perplexity import PREFIXED, PROTOCOLS as PPL
 from ..metrics.wild import PROTOCOL as WILD_PROTOCOL
 from ..sequential import SequentialRun
@@ -47,9 +47,9 @@ def sequential(session: HarnessSession, editor: Editor, cases: Sequence[EditCase
                         perplexity=lambda: session.perplexity(prefix=run.prompt_prefix).mean_ppl,
                         ppl_base=session.base_perplexity().mean_ppl,
                         journal_dir=Path(o.report_dir) / "sequential", batch_size=o.batch_size,
-                        ppl_schedule=o.ppl_schedule, resume=o.resume, progress=o.progress, wild=o.wild)
-    with unchanged(lm, checked_parameters(lm, editor), f"the sequential run of {editor.name}",
-                   hooks=adds_instead_of_writing(editor)):
+                        ppl_schedule=o.ppl_schedule, resume=o.resume, progress=o.progress, wild=o.wild,
+                        ppl_texts=session.ppl_texts())
+    with guarded(lm, editor, f"the sequential run of {editor.name}"):
         result = run.run(timer)
     metrics = result.metrics(session.thresholds.collapse_ppl_ratio)
     info = {"resumed_from": result.resumed_from, "batch_size": o.batch_size, "ppl_schedule": o.ppl_schedule}

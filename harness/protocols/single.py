@@ -24,11 +24,9 @@ def counterfact(session: HarnessSession, case: EditCase, edit: Edit | None = Non
 
 
 def expect_ahead(session: HarnessSession, editor: Editor, case: EditCase, timer: PhaseTimer) -> None:
-    """Tell an editor that optimises v* ahead (``--vstar-batch K``, ``ValuesAhead``) which single edits, each from
-    the unedited model, follow this one of ``case`` in the run: the next K - 1 of the session's plan."""
-    ahead = getattr(editor, "ahead", None)
-    if ahead is not None and ahead.batch > 1:
-        ahead.expect([case, *session.next_single_edits(editor.name, case, ahead.batch - 1)], timer.clock)
+    """Tell an editor that optimises v* ahead (``Capabilities.values_ahead``, ``--vstar-batch K``) which single
+    edits, each from the unedited model, follow this one of ``case`` in the run: the session's ``AheadPlan``."""
+    session.ahead.expect(editor, case, timer.clock)
 
 
 def single_edit(session: HarnessSession, editor: Editor, case: EditCase, timer: PhaseTimer) -> Measurement:

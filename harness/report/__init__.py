@@ -24,6 +24,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from harness.editor_aliases import canonical_editor
 from harness.metrics.registry import (
     Aggregate,
     GroupSummary,
@@ -124,7 +125,8 @@ def timings(record: dict) -> dict:
 
 
 def editor_of(record: dict) -> str:
-    return str(record.get("editor") or "?")
+    """The record's editor under its canonical name (an alias such as ``ft`` of an older run reads as ``ft_l``)."""
+    return str(canonical_editor(record.get("editor")) or "?")
 
 
 def suite_of(record: dict) -> str:
@@ -143,7 +145,7 @@ def model_name(run: dict) -> str:
 def editors_of(run: dict) -> list[str]:
     """Editors in configured order, then any others in the order their records appear."""
     configured = ((run.get("config") or {}).get("editors")) or []
-    names = [str(e) for e in configured if e is not None]
+    names = list(dict.fromkeys(str(canonical_editor(e)) for e in configured if e is not None))
     for rec in run.get("records") or []:
         name = editor_of(rec)
         if name not in names:

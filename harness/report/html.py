@@ -10,6 +10,11 @@ registry as mean [95% bootstrap interval], column tooltips from the registry), t
 to the data or log-scaled, integer edit counts, legends beside the axes, one panel per score with its mean and
 interval), the per-record tables (failed records first), and the provenance. Tables sort by a click on a header
 and filter from a box above them: one static inline script, with no run data in it.
+
+Fitted to a 1280 px screen: a record's failure message sits in a row of its own under the record, as wide as the
+visible part of the table (not in a narrow last column that made a failed row hundreds of pixels tall); metric
+names in headers may break after ``_`` and ``.``; a table still wider than the page scrolls sideways inside its
+own box, with its first column held in place and the cut edge faded, and the page itself never scrolls sideways.
 """
 
 from __future__ import annotations
@@ -113,8 +118,15 @@ def _pretty_json(value: Any) -> str | None:
 
 
 def _column(name: str) -> dict:
+    """A table column; ``name_parts``/``label_parts`` are the text split after each ``_`` and ``.``, so that the
+    template can offer a line break there (``<wbr>``) and a long metric name does not widen its column."""
     spec = metric_spec(name)
-    return {"name": name, "label": spec.display, "tooltip": spec.tooltip}
+    return {"name": name, "label": spec.display, "tooltip": spec.tooltip,
+            "name_parts": _break_points(name), "label_parts": _break_points(spec.display)}
+
+
+def _break_points(text: str) -> list[str]:
+    return [part for part in re.split(r"(?<=[_.])", str(text)) if part] or [""]
 
 
 def summary_tables(groups: list[GroupSummary]) -> list[dict]:

@@ -8,8 +8,9 @@
   The others are ranked first by collapse, then by score: an editor with no collapsed case ranks above every
   editor with one, and among editors that collapsed fewer collapsed cases rank higher; ties in collapse are
   broken by the score (descending), then by n. A case is collapsed when its ppl_ratio reached its run's collapse
-  threshold or its sequential stream recorded edits_to_collapse. So a collapse can never be bought back by
-  efficacy.
+  threshold or is not a finite number (NaN, written null: the suites count it as collapse too) or its sequential
+  stream recorded edits_to_collapse. So a collapse can never be bought back by efficacy, nor hidden by a NaN.
+  Editor aliases (``ft``) share their canonical editor's row (``ft_l``).
 * **Score.** The first of :data:`RANK_BY` the table's records carry (``rome_score``: the per-case harmonic mean of
   efficacy, generalization and locality), else the first headline metric with a direction.
 """
@@ -51,8 +52,8 @@ RANK_BY = ("rome_score", "problem_score", "efficacy_final", "neighborhood_retain
 DEFAULT_MIN_N = 5
 RULE = ("Ranking: editors with fewer than {min_n} cases are listed but not ranked; the others rank first by "
         "collapse (no collapsed case above any collapsed case, fewer collapsed cases above more; a case is collapsed "
-        "when its perplexity ratio reached the run's collapse threshold or its sequential stream collapsed), then by "
-        "score (descending), then n. Cells: mean [95% bootstrap CI over cases]; timings: median.")
+        "when its perplexity ratio reached the run's collapse threshold or is not a number, or its sequential stream "
+        "collapsed), then by score (descending), then n. Cells: mean [95% bootstrap CI over cases]; timings: median.")
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[dict]:
@@ -83,23 +84,71 @@ class BoardTable:
     score_metric: str | None
     columns: list[str]
     rows: list[BoardRow] = field(default_factory=list)
+    legend: dict[str, str] = field(default_factory=dict)   # "editor@hash" -> what it stands for
 
     @property
     def title(self) -> str:
         return f"{self.model} / {self.dataset} / {self.suite}"
 
 
-def _hparams_digest(run: dict, editor: str) -> str | None:
+def _hparams_digest(run: dict, editor: str, raw: Any = None) -> str | None:
+    """The editor's resolved hyper-parameters in the run's provenance, digested (under the name the run used:
+    an older run may name an alias)."""
     prov = run.get("provenance") if isinstance(run.get("provenance"), dict) else {}
-    entry = (prov.get("editors") or {}).get(editor) if isinstance(prov.get("editors"), dict) else None
+    editors = prov.get("editors") if isinstance(prov.get("editors"), dict) else {}
+    entry = editors.get(editor, editors.get(raw))
     hp = entry.get("hparams") if isinstance(entry, dict) else None
     return hashlib.sha256(json.dumps(hp, sort_keys=True, default=str).encode()).hexdigest()[:6] if hp else None
 
 
+def _editor_entry(run: dict, editor: str, raw: Any = None) -> dict:
+    prov = run.get("provenance") if isinstance(run.get("provenance"), dict) else {}
+    editors = prov.get("editors") if isinstance(prov.get("editors"), dict) else {}
+    entry = editors.get(editor, editors.get(raw))
+    return entry if isinstance(entry, dict) else {}
+
+
+def _code_label(code: Any) -> str | None:
+    if not isinstance(code, dict):
+        return None
+    if code.get("package"):
+        return f"{code['package']} {code.get('version')}"
+    return f"code sha256 {str(code['sha256'])[:12]}" if code.get("sha256") else None
+
+
+def _legend(runs: list[dict]) -> dict[str, dict[str | None, dict]]:
+    """editor -> hparams digest -> its provenance entry (hyper-parameters, code identity), from the runs."""
+    out: dict[str, dict[str | None, dict]] = {}
+    for run in runs:
+        for rec in run.get("records") or []:
+            if isinstance(rec, dict) and rec.get("editor") is not None:
+                editor = editor_of(rec)
+                digest = _hparams_digest(run, editor, rec.get("editor"))
+                out.setdefault(editor, {}).setdefault(digest, _editor_entry(run, editor, rec.get("editor")))
+    return out
+
+
+def _stands_for(editor: str, digest: str | None, variants: dict[str | None, dict]) -> str:
+    """What ``editor@digest`` stands for: the hyper-parameters that differ between the editor's variants in the
+    table, and the editor's code (package and version, or its source digest)."""
+    hps = {d: (e.get("hparams") if isinstance(e.get("hparams"), dict) else {}) for d, e in variants.items()}
+    mine = hps.get(digest, {})
+    keys = sorted(k for k in set().union(*hps.values()) if len({repr(h.get(k)) for h in hps.values()}) > 1)
+    parts = [", ".join(f"{k}={mine.get(k)!r}" for k in keys)] if keys else []
+    code = _code_label(variants.get(digest, {}).get("code"))
+    if code:
+        parts.append(code)
+    return "; ".join(parts) or "hyper-parameters as recorded in the run's provenance"
+
+
 def _is_collapsed(record: dict, threshold: float) -> bool:
-    ratio = to_number((record.get("metrics") or {}).get("ppl_ratio"))
-    collapse = to_number((record.get("metrics") or {}).get("edits_to_collapse"))
-    return (ratio is not None and ratio >= threshold) or collapse is not None
+    """As the suites judge it (harness.thresholds): a perplexity ratio that is not a finite number below the
+    threshold (NaN, written null, and inf included) is a collapse; so is a sequential stream's edits_to_collapse."""
+    metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+    ratio = to_number(metrics.get("ppl_ratio"))
+    collapse = to_number(metrics.get("edits_to_collapse"))
+    broken = "ppl_ratio" in metrics and (ratio is None or not math.isfinite(ratio) or ratio >= threshold)
+    return broken or collapse is not None
 
 
 def _collect(runs: list[dict]) -> dict[tuple[str, str, str], dict[tuple[str, str | None], dict]]:
@@ -113,7 +162,7 @@ def _collect(runs: list[dict]) -> dict[tuple[str, str, str], dict[tuple[str, str
                 continue
             table = tables.setdefault((model_name(run), dataset_label(run), suite_of(rec)), {})
             editor = editor_of(rec)
-            cases = table.setdefault((editor, _hparams_digest(run, editor)), {})
+            cases = table.setdefault((editor, _hparams_digest(run, editor, rec.get("editor"))), {})
             cases[case_key(rec)] = (rec, _is_collapsed(rec, threshold), run.get("run_id") or f"#{index}")
     return tables
 
@@ -147,6 +196,7 @@ def _rank(rows: list[BoardRow], min_n: int, score_metric: str | None) -> None:
 def board_tables(runs: list[dict], min_n: int = DEFAULT_MIN_N) -> list[BoardTable]:
     """The leaderboard: one table per (model, dataset, suite), rows ranked by the documented rule."""
     out = []
+    variants = _legend(runs)
     for (model, dataset, suite), editors in sorted(_collect(runs).items()):
         digests: dict[str, set] = {}
         for editor, digest in editors:
@@ -160,6 +210,9 @@ def board_tables(runs: list[dict], min_n: int = DEFAULT_MIN_N) -> list[BoardTabl
         for (editor, digest), cases in editors.items():
             records = [rec for rec, _, _ in cases.values()]
             label = f"{editor}@{digest}" if len(digests[editor]) > 1 and digest else editor
+            if label != editor:
+                table.legend[label] = _stands_for(editor, digest, {d: variants.get(editor, {}).get(d, {})
+                                                                   for d in digests[editor]})
             table.rows.append(BoardRow(label, len(records), len({r for _, _, r in cases.values()}),
                                        sum(c for _, c, _ in cases.values()), _score(records, score_metric),
                                        {n: aggregate_records(records, n) for n in columns}))
@@ -213,6 +266,9 @@ def to_markdown(tables: list[BoardTable], min_n: int = DEFAULT_MIN_N) -> str:
         parts.append("|" + "|".join("---" if h == "editor" else "---:" for h in headers) + "|")
         parts.extend("| " + " | ".join(_cells(table, row, markdown_cell)) + " |" for row in table.rows)
         parts.append("")
+        if table.legend:        # what each editor@hash stands for (its settings and code)
+            parts.extend(f"- {markdown_cell(label)}: {markdown_cell(text)}" for label, text in table.legend.items())
+            parts.append("")
     if not tables:
         parts.append("No records in the given runs.")
     return "\n".join(parts) + "\n"
