@@ -274,7 +274,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if call.excinfo is not None and isinstance(call.excinfo.value, ModelUnavailable):
         report.longrepr = str(call.excinfo.value)
         item.session.shouldstop = f"the model could not be loaded: {call.excinfo.value}"
+    elif call.excinfo is not None and isinstance(call.excinfo.value, _one_line_errors()):
+        # the harness's own errors name the cause and the fix in their message: that line, not a traceback
+        e = call.excinfo.value
+        report.longrepr = f"{type(e).__name__}: {' '.join(str(e).split())}"
     return report
+
+
+def _one_line_errors() -> tuple[type[BaseException], ...]:
+    """The harness's error types whose message is the whole story (cause and fix); a failing test shows only it."""
+    from .data import DataError
+    from .data.pool import PoolError
+    from .editing import RestoreError
+    from .editors.base import HparamsError, UnknownEditorError
+    from .models.adapter import UnknownArchitectureError
+    from .models.loading import ModelLoadError
+    from .models.structure import StructureError
+    from .sequential import ConcurrentRunError, ResumeError
+    from .tokens import PromptTooLong
+    return (DataError, PoolError, RestoreError, HparamsError, UnknownEditorError, UnknownArchitectureError,
+            ModelLoadError, StructureError, ResumeError, ConcurrentRunError, PromptTooLong)
 
 
 class RunCollector:

@@ -152,7 +152,7 @@ def _run(hparams, code, run_id):
             "provenance": {"editors": {"lsq_r1": {"hparams": hparams, "files": [], "code": code}}}}
 
 
-def test_the_leaderboard_says_what_each_hash_stands_for_and_compare_notes_the_change():
+def test_the_leaderboard_says_what_each_hash_stands_for_and_compare_notes_the_change(tmp_path):
     from harness.report.compare import compare
     from harness.report.leaderboard import board_tables, to_markdown
     a = _run({"layer": 1, "lr": 0.1}, {"package": "my-editors", "version": "1.0", "sha256": "a" * 64}, "a")
@@ -163,6 +163,10 @@ def test_the_leaderboard_says_what_each_hash_stands_for_and_compare_notes_the_ch
     assert sorted(legend.values()) == ["layer=1; my-editors 1.0", "layer=2; my-editors 1.1"]
     md = to_markdown(tables, 1)
     assert "layer=2; my-editors 1.1" in md
+    from harness.report.leaderboard import write_leaderboard
+    _, html = write_leaderboard([a, b], tmp_path, min_n=1)
+    page = html.read_text()
+    assert "layer=1; my-editors 1.0" in page and "layer=2; my-editors 1.1" in page    # the page says it too
     result = compare(a, b)
     assert result.refused is None
     notes = [n for n in result.notes if "editor code or settings differ" in n]

@@ -292,7 +292,8 @@ def write_leaderboard(runs: list[dict], out_dir: str | Path, min_n: int = DEFAUL
                  "tooltips": ["", "", "cases (records) aggregated", "runs pooled", "collapsed cases",
                               metric_spec(t.score_metric).tooltip if t.score_metric else "",
                               *[metric_spec(c).tooltip for c in t.columns]],
-                 "rows": [{"cells": _cells(t, r), "ranked": r.ranked, "collapsed": r.collapsed} for r in t.rows]}
+                 "rows": [{"cells": _cells(t, r), "ranked": r.ranked, "collapsed": r.collapsed} for r in t.rows],
+                 "legend": dict(t.legend)}
                 for t in tables],
         runs=[_run_info(r) for r in runs])
     html_path = atomic_write_text(out / "index.html", html)
