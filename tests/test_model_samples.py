@@ -119,3 +119,46 @@ def test_progress_reaches_the_terminal_despite_capture(pytester, tiny_model_dir)
     for step in ("loading model", "sampling text from the model for key statistics (256 tok)",   # one whole sequence
                  "perplexity of the unedited model"):
         assert f"harness: {step}" in out, step
+
+
+def test_processes_sharing_a_cache_sample_once(tiny_llama, tmp_path):
+    """xdist workers with one cache: while one process holds the sampling lock, another waits, then reads its file
+    instead of sampling the same text again."""
+    import fcntl
+    import threading
+
+    first = model_samples(tiny_llama, 120, tmp_path / "warm", SETTINGS)        # the text the other process writes
+    key = first.key
+    path = corpus._samples_path(tmp_path, key)
+    path.parent.mkdir(parents=True)
+    lock = open(path.with_name(path.name + ".lock"), "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)                                            # "another process" is sampling
+    sampled = []
+    monkey = corpus.sample_model_text
+    corpus.sample_model_text = lambda *a, **k: sampled.append(1) or monkey(*a, **k)
+    try:
+        out, io_lines = [], []
+        waiter = threading.Thread(target=lambda: out.append(
+            model_samples(tiny_llama, 120, tmp_path, SETTINGS, progress=Progress(_Lines(io_lines), bars=False))))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive()                                                # it waits for the lock
+        corpus.write_model_samples(path, first)                                 # the other process finishes
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        waiter.join(timeout=30)
+    finally:
+        corpus.sample_model_text = monkey
+        lock.close()
+    assert not sampled and len(out) == 1 and out[0].ids == first.ids            # read, not sampled again
+    assert any("waiting for another process" in line for line in io_lines)
+
+
+class _Lines:
+    def __init__(self, sink):
+        self.sink = sink
+
+    def write(self, text):
+        self.sink.append(text)
+
+    def flush(self):
+        pass

@@ -1,6 +1,7 @@
 """General text for perplexity and key (second-moment) statistics: built-in passages, ME-PPL, WikiText, files."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -307,7 +308,6 @@ def model_samples(lm, n_tokens: int, cache_dir: str | os.PathLike[str] | None = 
     whole file of the same key is there (a damaged, empty or foreign file is sampled again, with a one-line
     ``CacheWarning``), else sampled (``sample_model_text``) and cached. ``progress``: a ``harness.progress.Progress``.
     ``sampling``: a context manager entered around the sampling only (``LayerStats`` puts its key hooks there)."""
-    import contextlib
     import warnings
 
     from ..models.loading import CacheWarning
@@ -319,15 +319,44 @@ def model_samples(lm, n_tokens: int, cache_dir: str | os.PathLike[str] | None = 
     samples, problem = read_model_samples(path, key)
     if samples is not None:
         return samples
-    if problem is not None:
-        warnings.warn(f"model-sampled corpus {path} is {problem}; sampling it again", CacheWarning, stacklevel=2)
-    st = {**SAMPLE_SETTINGS, **(settings or {})}
-    total = max(1, math.ceil(n_tokens / st["seq_len"])) * st["seq_len"]
-    with progress.step("sampling text from the model for key statistics", total=total, unit="tok",
-                       note="once per model, then cached") as bar, (sampling or contextlib.nullcontext()):
-        samples = sample_model_text(lm, n_tokens, settings, on_step=bar.update)
-    write_model_samples(path, samples)
+    with _sampling_lock(path, progress):        # xdist workers sharing a cache sample it once, not each
+        samples, problem = read_model_samples(path, key)
+        if samples is not None:                 # another process sampled it while this one waited
+            return samples
+        if problem is not None:
+            warnings.warn(f"model-sampled corpus {path} is {problem}; sampling it again", CacheWarning,
+                          stacklevel=2)
+        st = {**SAMPLE_SETTINGS, **(settings or {})}
+        total = max(1, math.ceil(n_tokens / st["seq_len"])) * st["seq_len"]
+        with progress.step("sampling text from the model for key statistics", total=total, unit="tok",
+                           note="once per model, then cached") as bar, (sampling or contextlib.nullcontext()):
+            samples = sample_model_text(lm, n_tokens, settings, on_step=bar.update)
+        write_model_samples(path, samples)
     return samples
+
+
+@contextlib.contextmanager
+def _sampling_lock(path: Path | None, progress):
+    """An exclusive lock on ``path``'s ``.lock`` file (POSIX ``flock``; released when the process dies): one process
+    samples, the others wait and then read its file. No cache dir, or no ``fcntl``: no lock."""
+    try:
+        import fcntl
+    except ImportError:                          # not POSIX
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress.line("waiting for another process sampling the same text for key statistics ...")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def model_sample_texts(lm, n_tokens: int, cache_dir: str | os.PathLike[str] | None = None,
