@@ -110,6 +110,9 @@ class TerminalStream:
             return len(text)
         with capman.global_and_fixture_disabled() if capman is not None else nullcontext():
             tr.ensure_newline()
+            writer = getattr(tr, "_tw", None)          # under -q pytest's dots leave no file name to reset
+            if text and text[0] not in "\r\n" and getattr(writer, "width_of_current_line", 0):
+                tr.write("\n")
             tr.write(text, flush=True)
         return len(text)
 
