@@ -421,6 +421,8 @@ def _help(opt: Opt) -> str:
     if opt.kind == "switch":
         return f"{opt.help} (default: {'on' if opt.default else 'off'}{where})"
     default = ",".join(map(str, opt.default)) if isinstance(opt.default, list) else opt.default
+    if default is None and (opt.metavar or "").startswith("auto"):
+        default = "auto"                         # auto_or(...): None means the harness chooses
     return f"{opt.help} (default: {default}{where})"
 
 

@@ -9,8 +9,13 @@ out). The result is the run JSON's ``provenance`` (docs/run-json.md):
 * ``editors``: per editor, the resolved hyper-parameters, the YAML files they came from (with sha256), the
   ``--hparam`` overrides and how the edited layer(s) were chosen (``layers``: family file, depth rule, override);
 * ``architecture``: the edited modules and how they were found (adapter table, structure, ``--arch-override``);
-* ``dataset``: the spec asked for, its kind, the file resolved (with sha256), number and ids of the cases;
-* ``corpora``: the perplexity and key-statistics texts: spec, file, sha256, texts and tokens actually used;
+* ``dataset``: the spec asked for, its kind, the file resolved (with sha256), number and ids of the cases and their
+  content digest (``content_sha256``);
+* ``corpora``: the perplexity and key-statistics texts: spec, file, sha256, texts and tokens actually used, and the
+  digest of the content used (``content_sha256``).
+
+The dataset and corpora sections are the records the session's resolvers returned as they loaded
+(``HarnessSession.resolved``, ``harness.data.resolved``), recorded as they are: nothing is resolved a second time.
 * ``seeds``: every seed that shapes the numbers.
 """
 from __future__ import annotations
@@ -24,22 +29,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .data.resolved import corpus_file, dataset_file, sha256_file  # noqa: F401  (re-exported)
+
 PACKAGE = "knowedit-harness"
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
-
-
-def sha256_file(path: str | os.PathLike[str] | None) -> str | None:
-    """Hex sha256 of a file's bytes (streamed); None when there is no such readable file."""
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def file_entry(path: Path, root: Path | None = None) -> dict[str, Any]:
@@ -186,25 +179,6 @@ def _mapped(mapping: Any, cls: type, n_layers: int | None) -> Any:
 
 
 # --------------------------------------------------------------------------- data
-def dataset_file(spec: str, data_dir: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
-    """(kind, file) a dataset spec resolves to, as ``load_cases`` resolves it: builtin, named (in the data dir),
-    hub (no local file) or file."""
-    from .data.loaders import BUILTIN_DIR, BUILTIN_SETS, NAMED_SETS, resolve_data_dir
-
-    if spec in BUILTIN_SETS:
-        return "builtin", BUILTIN_DIR / BUILTIN_SETS[spec]
-    if spec in NAMED_SETS:
-        root = resolve_data_dir(data_dir)
-        return spec, (root / NAMED_SETS[spec]) if root is not None else None
-    if spec.startswith("hf:"):
-        return "hub", None
-    from .data.loaders import PREFIX_LOADERS
-    prefix, sep, rest = spec.partition(":")
-    if sep and rest and prefix in PREFIX_LOADERS:      # ``knowedit:FILE``: the file after the prefix, as load_cases
-        return prefix, Path(rest).expanduser()
-    return "file", Path(spec).expanduser()
-
-
 def dataset_provenance(spec: str, data_dir: str | os.PathLike[str] | None, case_ids: Iterable[str] | None,
                        requested: str | None = None) -> dict[str, Any]:
     kind, path = dataset_file(spec, data_dir)
@@ -212,21 +186,6 @@ def dataset_provenance(spec: str, data_dir: str | os.PathLike[str] | None, case_
     return {"spec": spec, "requested": requested or spec, "kind": kind,
             "path": str(path) if path is not None else None, "sha256": sha256_file(path),
             "n_cases": None if ids is None else len(ids), "case_ids": ids}
-
-
-def corpus_file(spec: str, data_dir: str | os.PathLike[str] | None) -> Path | None:
-    """The file a corpus spec resolves to (as ``load_texts``); None for generated or unresolvable texts."""
-    from .data.corpus import NAMED_CORPORA
-    from .data.loaders import BUILTIN_DIR, resolve_data_dir
-
-    if spec == "builtin":
-        return BUILTIN_DIR / "passages.json"
-    if spec == "builtin-sentences":
-        return None
-    if spec in NAMED_CORPORA:
-        root = resolve_data_dir(data_dir)
-        return root / NAMED_CORPORA[spec] if root is not None else None
-    return Path(spec).expanduser()
 
 
 # what a run asked of a corpus (its configuration), as against what one process happened to use of it (tokens
@@ -242,10 +201,12 @@ def run_corpora(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def corpus_setting(corpus: Any) -> dict[str, Any]:
-    """A ``provenance.corpora`` entry reduced to its configuration and its file's digest."""
+    """A ``provenance.corpora`` entry reduced to its configuration and its digests (the record's ``sha256`` and
+    ``content_sha256``, ``harness.data.resolved.DIGEST_FIELDS``)."""
+    from .data.resolved import DIGEST_FIELDS
     if not isinstance(corpus, dict):
         return {}
-    return {k: corpus.get(k) for k in (*CORPUS_CONFIG, "sha256") if corpus.get(k) is not None}
+    return {k: corpus.get(k) for k in (*CORPUS_CONFIG, *DIGEST_FIELDS) if corpus.get(k) is not None}
 
 
 def corpus_provenance(spec: str, data_dir: str | os.PathLike[str] | None, **used: Any) -> dict[str, Any]:
@@ -295,12 +256,31 @@ def collect(session: Any, model: dict[str, Any] | None = None,
     return out
 
 
+def _held(session: Any) -> dict[str, Any]:
+    """What the session's resolvers resolved (``HarnessSession.resolved``: name -> ``Resolved``); {} for a session
+    that keeps none."""
+    try:
+        held = getattr(session, "resolved", None)
+    except Exception:  # noqa: BLE001 - e.g. an unreadable statistics corpus: the tests that needed it failed
+        held = getattr(session, "_resolved", None)
+    return held if isinstance(held, dict) else {}
+
+
 def _session_dataset(session: Any) -> dict[str, Any]:
+    """The dataset record the session resolved (exactly); a session that never loaded the cases (an xdist
+    controller) loads them once, which records them the same way."""
     o = session.options
     try:
-        spec = session.dataset_name()
-        cases = session.cases()            # the loaded cases, or a re-read of the file (no model needed)
-        out = dataset_provenance(spec, o.data_dir, [c.case_id for c in cases], requested=o.dataset)
+        if "dataset" not in _held(session):
+            cases = session.cases()        # the cases, loaded as the tests load them (no model needed)
+        else:
+            cases = getattr(session, "_cases", None)
+        resolved = _held(session).get("dataset")
+        if resolved is not None:
+            out = resolved.record()
+        else:                              # a session without records (a stand-in): resolved from the files
+            out = dataset_provenance(session.dataset_name(), o.data_dir, [c.case_id for c in cases],
+                                     requested=o.dataset)
         skipped = getattr(cases, "skipped", None)
         if skipped:                        # --skip-invalid: what was left out, and why
             out["skipped"] = [s.to_dict() for s in skipped]
@@ -310,18 +290,29 @@ def _session_dataset(session: Any) -> dict[str, Any]:
 
 
 def _session_corpora(session: Any) -> dict[str, Any]:
+    """The perplexity and statistics records the session resolved (exactly), with what was used of them (tokens
+    scored, layers computed). What this process never loaded is described from the files (the old path: an
+    xdist controller, a shard that ran no test needing it)."""
     o = session.options
     out: dict[str, Any] = {}
+    held = _held(session)
     base = getattr(session, "_ppl_base", None)
     texts = getattr(session, "_ppl_texts", None)
     try:
-        out["perplexity"] = corpus_provenance(session.ppl_corpus_name(), o.data_dir, texts_requested=o.ppl_texts,
-                                              texts=None if texts is None else len(texts),
-                                              tokens=getattr(base, "n_tokens", None))
+        if held.get("perplexity") is not None:
+            out["perplexity"] = {**held["perplexity"].record(), "tokens": getattr(base, "n_tokens", None)}
+        else:
+            out["perplexity"] = corpus_provenance(session.ppl_corpus_name(), o.data_dir,
+                                                  texts_requested=o.ppl_texts,
+                                                  texts=None if texts is None else len(texts),
+                                                  tokens=getattr(base, "n_tokens", None))
     except Exception as e:  # noqa: BLE001
         out["perplexity"] = {"spec": str(o.ppl_corpus), "error": f"{type(e).__name__}: {e}"}
     stats = getattr(session, "_stats", None)
-    if stats is not None:
+    if held.get("statistics") is not None:
+        out["statistics"] = {**held["statistics"].record(), "tokens_used": stats_tokens_used(stats),
+                             "layers": sorted(getattr(stats, "_mem", {}) or [])}
+    elif stats is not None:
         out["statistics"] = corpus_provenance(
             getattr(stats, "corpus_name", str(o.stats_corpus)), o.data_dir,
             tokens_requested=getattr(stats, "n_tokens", o.stats_tokens), tokens_used=stats_tokens_used(stats),

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .data.case import EditCase
+from .data.resolved import cases_digest, cases_resolved, key_parts, stats_resolved, texts_digest, texts_resolved  # noqa: F401,E501
 from .editors.base import Editor
 from .metrics import counterfact_metrics
 from .metrics.norms import l1_norm, norm_growth, total_l1, weight_norms
@@ -215,38 +216,26 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cases_digest(cases: Sequence[EditCase]) -> str:
-    """SHA-256 of the cases' content: every field, ``extra`` (a format's own data: KnowEdit portability, ...) too."""
-    return _digest([dataclasses.asdict(c) for c in cases])
-
-
-def texts_digest(texts: Sequence[str] | None) -> str | None:
-    """SHA-256 of a list of texts (None: not given)."""
-    return None if texts is None else _digest(list(texts))
-
-
 def stats_identity(stats: Any) -> dict[str, Any] | None:
     """What an editor's key statistics (a ``harness.stats.LayerStats``) are computed from: corpus name, resolved
-    token count and the corpus's content digest; None for an editor without statistics."""
-    if stats is None:
-        return None
-    out = {"corpus": getattr(stats, "corpus_name", None), "n_tokens": getattr(stats, "n_tokens", None)}
-    digest = getattr(stats, "corpus_digest", None)
-    if callable(digest):
-        try:
-            out["corpus_sha256"] = digest()
-        except Exception as e:  # noqa: BLE001 - an unreadable corpus fails the editor that needs it, not this key
-            out["corpus_sha256"] = f"unreadable ({_first_line(e)[:80]})"
-    return out
+    token count and the corpus's content digest, read off its record (``harness.data.resolved.stats_resolved``, as
+    the session records it for provenance); None for an editor without statistics."""
+    return key_parts({"statistics": None if stats is None else stats_resolved(stats)})["stats"]
 
 
 def run_key_parts(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *, batch_size: int,
                   ppl_schedule: str, wild: bool, ppl_texts: Sequence[str] | None) -> dict[str, Any]:
-    """Everything that makes two sequential runs' records comparable (``KEY_PART_NAMES``)."""
+    """Everything that makes two sequential runs' records comparable (``KEY_PART_NAMES``). The perplexity texts,
+    the key statistics and the cases' content enter as the records the session keeps for provenance
+    (``harness.data.resolved``), turned into key parts by one function (``key_parts``)."""
+    stats = getattr(editor, "stats", None)
+    records = {"perplexity": None if ppl_texts is None else texts_resolved(None, None, ppl_texts),
+               "statistics": None if stats is None else stats_resolved(stats),
+               "dataset": cases_resolved(None, None, cases)}
     return {"editor": editor.name, "model": lm.identity.get("fingerprint"),
-            "case_ids": [c.case_id for c in cases], "cases": cases_digest(cases), "batch_size": batch_size,
+            "case_ids": [c.case_id for c in cases], "batch_size": batch_size,
             "ppl_schedule": ppl_schedule, "hparams": editor.describe()["hparams"], "wild": bool(wild),
-            "ppl_texts": texts_digest(ppl_texts), "stats": stats_identity(getattr(editor, "stats", None))}
+            **key_parts(records)}
 
 
 def _key_difference(saved: Any, now: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 from .data import EditCase, default_ppl_corpus, default_stats_corpus, load_cases, load_texts, resolve_data_dir
 from .data.pool import default_train_pool
+from .data.resolved import Resolved, cases_resolved, resolve_texts, stats_resolved
 from .editors import Editor, build_editor
 from .editors.common import AheadPlan
 from .metrics import perplexity
@@ -43,6 +44,10 @@ class HarnessSession:
         self._ppl_texts: list[str] | None = None
         self._editors: dict[str, Editor] = {}
         self._cases: list[EditCase] | None = None
+        # what the run's data resolved to, as the resolvers returned it (harness.data.resolved): "perplexity",
+        # "dataset" as they load, "statistics" once the key statistics exist (``resolved``); provenance records
+        # exactly these and the sequential resume key is built from the same records
+        self._resolved: dict[str, Resolved] = {}
         self._diversity_sets: dict | None = None   # diversity suite: kind -> DiversitySet
         self._tokenizer_probe: tuple | None = None  # (tokenizer, context) read without the weights, () if unreadable
         self._machine: dict[str, Any] | None = None
@@ -92,11 +97,21 @@ class HarnessSession:
             if name == "auto":
                 name = default_stats_corpus(self.options.data_dir)
             chars = 16 * (self.options.stats_tokens or TEXT_CORPUS_TOKENS)   # an hf: corpus is read only this far
-            self._stats = LayerStats(self.lm, lambda: load_texts(name, data_dir=self.options.data_dir,
-                                                                 max_chars=chars), name,
+            self._stats = LayerStats(self.lm, lambda: resolve_texts(name, data_dir=self.options.data_dir,
+                                                                    max_chars=chars)[0], name,
                                      n_tokens=self.options.stats_tokens, cache_dir=self.cache_dir,
                                      progress=self.progress)
         return self._stats
+
+    @property
+    def resolved(self) -> dict[str, Resolved]:
+        """What the run's data resolved to (``harness.data.resolved.Resolved`` by name: "perplexity", "dataset",
+        "statistics"), each resolved once, when the session first loaded it; absent: never loaded here."""
+        held = self.__dict__.setdefault("_resolved", {})
+        stats = getattr(self, "_stats", None)
+        if stats is not None and "statistics" not in held:     # the corpus digest its cache is keyed by, once
+            held["statistics"] = stats_resolved(stats, self.options.data_dir)
+        return held
 
     def editor(self, name: str) -> Editor:
         """The session's instance of editor ``name`` (prepared once)."""
@@ -190,6 +205,8 @@ class HarnessSession:
         cases = self._fit_context(cases, spec or self.dataset_name())
         if spec is None and limit == -1:
             self._cases = cases
+            self.resolved["dataset"] = cases_resolved(self.dataset_name(), self.options.data_dir, cases,
+                                                      requested=self.options.dataset)
         return cases
 
     def diversity_sets(self) -> dict:
@@ -245,8 +262,9 @@ class HarnessSession:
 
     def ppl_texts(self) -> list[str]:
         if self._ppl_texts is None:
-            self._ppl_texts = load_texts(self.ppl_corpus_name(), data_dir=self.options.data_dir,
-                                         limit=self.options.ppl_texts)
+            self._ppl_texts, self.resolved["perplexity"] = resolve_texts(
+                self.ppl_corpus_name(), data_dir=self.options.data_dir, limit=self.options.ppl_texts,
+                texts_requested=self.options.ppl_texts)
         return self._ppl_texts
 
     def known_facts(self) -> list:

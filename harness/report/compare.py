@@ -54,6 +54,7 @@ from harness.metrics.registry import (
     record_value,
     to_number,
 )
+from harness.data.resolved import DIGEST_FIELDS
 from harness.provenance import corpus_setting, run_corpora
 from harness.report import (
     dataset_of,
@@ -174,7 +175,7 @@ def differences(baseline: dict, run: dict) -> list[str]:
     elif bd.get("sha256") and rd.get("sha256") and bd["sha256"] != rd["sha256"]:
         out.append(f"dataset file differs (sha256 {bd['sha256'][:12]} vs {rd['sha256'][:12]})")
     b_ppl, r_ppl = (corpus_setting(run_corpora(r).get("perplexity")) for r in (baseline, run))
-    if b_ppl and r_ppl and b_ppl != r_ppl:       # perplexities of different texts: their ratios do not compare
+    if b_ppl and r_ppl and _unlike(b_ppl, r_ppl):   # perplexities of different texts: their ratios do not compare
         out.append(f"perplexity corpus differs ({_describe(b_ppl)} vs {_describe(r_ppl)})")
     bt, rt = thresholds_of(baseline), thresholds_of(run)
     changed = sorted(k for k in set(bt) | set(rt) if bt.get(k) != rt.get(k) and k in bt and k in rt)
@@ -252,15 +253,24 @@ def _by_case(run: dict, which: str) -> dict[tuple[str, str], dict[CaseKey, dict]
     return groups
 
 
+def _unlike(b: dict, r: dict) -> bool:
+    """Two corpus settings (``corpus_setting``) differ: in their configuration, or in a digest of the resolvers'
+    records (``sha256``, ``content_sha256``) that both runs recorded (a run recorded before a digest existed, or a
+    process that never loaded the texts, has nothing to compare on it)."""
+    config = [k for k in set(b) | set(r) if k not in DIGEST_FIELDS]
+    return any(b.get(k) != r.get(k) for k in config) or \
+        any(b[k] != r[k] for k in DIGEST_FIELDS if k in b and k in r)
+
+
 def _describe(setting: dict) -> str:
-    return ", ".join(f"{k} {str(v)[:12] if k == 'sha256' else v}" for k, v in setting.items())
+    return ", ".join(f"{k} {str(v)[:12] if k.endswith('sha256') else v}" for k, v in setting.items())
 
 
 def setting_notes(baseline: dict, run: dict) -> list[str]:
     """Differences that are part of what is being compared (the editors' setting), said but not refused: the key
     statistics corpus changes the editors' updates, as a hyper-parameter does."""
     b, r = (corpus_setting(run_corpora(x).get("statistics")) for x in (baseline, run))
-    if b and r and b != r:
+    if b and r and _unlike(b, r):
         return [f"key statistics corpus differs ({_describe(b)} vs {_describe(r)}): "
                 "the editors' updates differ by construction"]
     return []
