@@ -216,13 +216,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def stats_identity(stats: Any) -> dict[str, Any] | None:
-    """What an editor's key statistics (a ``harness.stats.LayerStats``) are computed from: corpus name, resolved
-    token count and the corpus's content digest, read off its record (``harness.data.resolved.stats_resolved``, as
-    the session records it for provenance); None for an editor without statistics."""
-    return key_parts({"statistics": None if stats is None else stats_resolved(stats)})["stats"]
-
-
 def run_key_parts(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *, batch_size: int,
                   ppl_schedule: str, wild: bool, ppl_texts: Sequence[str] | None) -> dict[str, Any]:
     """Everything that makes two sequential runs' records comparable (``KEY_PART_NAMES``). The perplexity texts,
@@ -230,7 +223,7 @@ def run_key_parts(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *,
     (``harness.data.resolved``), turned into key parts by one function (``key_parts``)."""
     stats = getattr(editor, "stats", None)
     records = {"perplexity": None if ppl_texts is None else texts_resolved(None, None, ppl_texts),
-               "statistics": None if stats is None else stats_resolved(stats),
+               "statistics": None if stats is None else stats_resolved(stats, files=False),
                "dataset": cases_resolved(None, None, cases)}
     return {"editor": editor.name, "model": lm.identity.get("fingerprint"),
             "case_ids": [c.case_id for c in cases], "batch_size": batch_size,

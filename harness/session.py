@@ -97,8 +97,8 @@ class HarnessSession:
             if name == "auto":
                 name = default_stats_corpus(self.options.data_dir)
             chars = 16 * (self.options.stats_tokens or TEXT_CORPUS_TOKENS)   # an hf: corpus is read only this far
-            self._stats = LayerStats(self.lm, lambda: resolve_texts(name, data_dir=self.options.data_dir,
-                                                                    max_chars=chars)[0], name,
+            self._stats = LayerStats(self.lm, lambda: load_texts(name, data_dir=self.options.data_dir,
+                                                                 max_chars=chars), name,
                                      n_tokens=self.options.stats_tokens, cache_dir=self.cache_dir,
                                      progress=self.progress)
         return self._stats

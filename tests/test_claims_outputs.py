@@ -87,12 +87,7 @@ def test_full_disk_is_one_line_saying_where_the_run_went(tmp_path, monkeypatch):
     reports.mkdir()
     (reports / "latest.json").write_text('{"older": true}')
     _full_disk_on(monkeypatch, "latest.json", reports)
-    options = {"report_dir": str(reports), "no_report": False, "baseline": None}
-    config = SimpleNamespace(getoption=options.get, rootpath=tmp_path, stash={},
-                             hook=SimpleNamespace(pytest_harness_update_run_json=lambda **kw: None))
-    monkeypatch.setattr(plugin, "_SESSION", "session")
-    config.stash["session"] = SimpleNamespace(options=SimpleNamespace(report_dir=str(reports)))
-    collector = plugin.RunCollector(config, _run())
+    collector = _collector(plugin, tmp_path, reports, monkeypatch)
     collector.pytest_sessionfinish(SimpleNamespace(exitstatus=0))
     line, written = str(collector.paths[0]), Path(collector.paths[1])
     assert "\n" not in line and "No space left on device" in line and "the run JSON could not be written" in line
@@ -105,12 +100,7 @@ def test_full_disk_everywhere_says_the_results_are_only_in_the_summary(tmp_path,
 
     reports = tmp_path / "reports"
     _full_disk_on(monkeypatch, "latest.json")
-    options = {"report_dir": str(reports), "no_report": False, "baseline": None}
-    config = SimpleNamespace(getoption=options.get, rootpath=tmp_path, stash={},
-                             hook=SimpleNamespace(pytest_harness_update_run_json=lambda **kw: None))
-    monkeypatch.setattr(plugin, "_SESSION", "session")
-    config.stash["session"] = SimpleNamespace(options=SimpleNamespace(report_dir=str(reports)))
-    collector = plugin.RunCollector(config, _run())
+    collector = _collector(plugin, tmp_path, reports, monkeypatch)
     collector.pytest_sessionfinish(SimpleNamespace(exitstatus=0))     # no traceback at the end of the run
     (line,) = [str(p) for p in collector.paths]
     assert line.startswith("(the run JSON could not be written") and "only in this summary" in line
@@ -200,3 +190,13 @@ def test_controller_provenance_includes_the_hparams_file(tmp_path, monkeypatch):
     data = plugin.RunCollector(config, run)._run_json()
     assert data["provenance"]["editors"]["rome"]["hparams"]["layer"] == 17
     assert data["provenance"]["editors"]["rome"]["hparams_file"]["sha256"] == prov.sha256_file(path)
+
+
+def _collector(plugin, tmp_path, reports, monkeypatch):
+    """The plugin's RunCollector on a stand-in config writing to ``reports``."""
+    options = {"report_dir": str(reports), "no_report": False, "baseline": None}
+    config = SimpleNamespace(getoption=options.get, rootpath=tmp_path, stash={},
+                             hook=SimpleNamespace(pytest_harness_update_run_json=lambda **kw: None))
+    monkeypatch.setattr(plugin, "_SESSION", "session")
+    config.stash["session"] = SimpleNamespace(options=SimpleNamespace(report_dir=str(reports)))
+    return plugin.RunCollector(config, _run())

@@ -156,10 +156,11 @@ def cases_resolved(spec: str | None, data_dir: str | os.PathLike[str] | None, ca
                      "content_sha256": cases_digest(cases)})
 
 
-def stats_resolved(stats: Any, data_dir: str | os.PathLike[str] | None = None) -> Resolved:
+def stats_resolved(stats: Any, data_dir: str | os.PathLike[str] | None = None, files: bool = True) -> Resolved:
     """The record of a ``LayerStats``' corpus: its file (and sha256) for a file corpus, the resolved token count and
     the corpus digest its cache is keyed by (``corpus_digest()``, ``content_sha256``; for model samples also the
-    ``sha256``: there is no file)."""
+    ``sha256``: there is no file). ``files=False``: the corpus, tokens and digest only, no file resolved or hashed
+    (all a resume key reads, ``key_parts``)."""
     name = getattr(stats, "corpus_name", None)
     spec = "" if name is None else str(name)
     extra: dict[str, Any] = {"tokens_requested": getattr(stats, "n_tokens", None)}
@@ -169,6 +170,8 @@ def stats_resolved(stats: Any, data_dir: str | os.PathLike[str] | None = None) -
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         extra.update(content_sha256=None, error=f"{type(e).__name__}: {first}")
     from ..stats import MODEL_SAMPLES
+    if not files:
+        return Resolved(spec, None, None, None, extra)
     if spec == MODEL_SAMPLES:
         return Resolved(spec, "model-samples", None, extra["content_sha256"], extra)
     if spec.startswith("hf:"):
