@@ -330,6 +330,11 @@ OPTIONS: tuple[Opt, ...] = (
         "on CPU at one thread, docs/speed.md; results equal within float rounding)", metavar="K", type=int),
     Opt("ppl_schedule", ppl_schedule, "every", "sequential suite: perplexity after every, every:K or geometric "
         "edit counts", type=str),
+    Opt("probe_every", integer(0), 0, "sequential suite: every K edits, score a random sample of the edits made "
+        "so far both teacher-forced and in the wild (greedy generation; the Mirage protocol); 0, the default: off",
+        metavar="K", type=int),
+    Opt("probe_size", integer(1), 20, "sequential suite: edits sampled by each --probe-every probe", metavar="S",
+        type=int),
     Opt("resume", bool, False, "sequential suite: continue an interrupted run from its journal in "
         "REPORT_DIR/sequential", kind="flag", type=bool),
     Opt("hard_dataset", text, "builtin-hard", "HardEdit suite cases: builtin-hard, or a HardEdit-format file",

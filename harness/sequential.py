@@ -44,7 +44,8 @@ KEY_PART_NAMES = {"editor": "editor", "model": "model (fingerprint)", "case_ids"
                   "cases": "the cases' content (the dataset file changed?)", "batch_size": "--batch-size",
                   "ppl_schedule": "--ppl-schedule", "hparams": "the editor's hyper-parameters", "wild": "--wild",
                   "ppl_texts": "the perplexity texts (--ppl-texts / --ppl-corpus)",
-                  "stats": "the key-statistics corpus or tokens (--stats-corpus / --stats-tokens)"}
+                  "stats": "the key-statistics corpus or tokens (--stats-corpus / --stats-tokens)",
+                  "probe": "--probe-every / --probe-size"}
 
 
 def schedule_points(n_steps: int, spec: str = "every") -> list[int]:
@@ -124,6 +125,11 @@ class SequentialResult:
             "l1_before": self.l1_before, "l1_after": self.l1_after,
             "norm_growth": norm_growth(self.l1_before, self.l1_after),
         }
+        probes = [(s["n_edits"], s["probe"]) for s in self.steps if "probe" in s]
+        if probes:                                             # the Mirage probe (--probe-every)
+            for key, name in (("tf_efficacy", "probe_tf_efficacy"), ("tf_acc", "probe_tf_acc"),
+                              ("wild_contains", "probe_wild_efficacy"), ("wild_em", "probe_wild_em")):
+                out[name] = [[n, mean_of(p[key])] for n, p in probes]
         if any("wild_efficacy" in s for s in self.steps):      # WILD (--wild): the generated answer
             out["wild_efficacy_immediate"] = mean_of(v for s in self.steps for v in s.get("wild_efficacy", []))
             out["wild_efficacy_final"] = mean_of(f.get("wild_rewrite_contains") for f in fin)
@@ -217,7 +223,8 @@ def _digest(obj: Any) -> str:
 
 
 def run_key_parts(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *, batch_size: int,
-                  ppl_schedule: str, wild: bool, ppl_texts: Sequence[str] | None) -> dict[str, Any]:
+                  ppl_schedule: str, wild: bool, ppl_texts: Sequence[str] | None,
+                  probe: tuple[int, int] | None = None) -> dict[str, Any]:
     """Everything that makes two sequential runs' records comparable (``KEY_PART_NAMES``). The perplexity texts,
     the key statistics and the cases' content enter as the records the session keeps for provenance
     (``harness.data.resolved``), turned into key parts by one function (``key_parts``)."""
@@ -228,7 +235,7 @@ def run_key_parts(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *,
     return {"editor": editor.name, "model": lm.identity.get("fingerprint"),
             "case_ids": [c.case_id for c in cases], "batch_size": batch_size,
             "ppl_schedule": ppl_schedule, "hparams": editor.describe()["hparams"], "wild": bool(wild),
-            **key_parts(records)}
+            **({"probe": list(probe)} if probe else {}), **key_parts(records)}
 
 
 def _key_difference(saved: Any, now: dict[str, Any]) -> str:
@@ -262,7 +269,7 @@ class SequentialRun:
     def __init__(self, lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *,
                  perplexity: Callable[[], float], ppl_base: float, journal_dir: Path, batch_size: int = 1,
                  ppl_schedule: str = "every", resume: bool = False, progress: bool = False, wild: bool = False,
-                 ppl_texts: Sequence[str] | None = None):
+                 ppl_texts: Sequence[str] | None = None, probe_every: int = 0, probe_size: int = 20):
         if batch_size > 1 and not editor.supports_batch:
             raise ValueError(f"editor {editor.name!r} edits one case at a time; use --batch-size 1")
         self.lm, self.editor, self.cases = lm, editor, list(cases)
@@ -270,9 +277,13 @@ class SequentialRun:
         self.batch_size, self.resume, self.progress, self.wild = batch_size, resume, progress, wild
         self.batches = [self.cases[i:i + batch_size] for i in range(0, len(self.cases), batch_size)]
         self.ppl_points = set(schedule_points(len(self.cases), ppl_schedule))
+        # the Mirage probe: every K edits, S past edits drawn at random, teacher-forced and WILD efficacy side by side
+        self.probe_size = probe_size
+        self.probe_points = set(schedule_points(len(self.cases), f"every:{probe_every}")) if probe_every else set()
         # everything that makes two runs' records comparable: a journal is only ever resumed by the same run
         self.key_parts = run_key_parts(lm, editor, self.cases, batch_size=batch_size, ppl_schedule=ppl_schedule,
-                                       wild=wild, ppl_texts=ppl_texts)
+                                       wild=wild, ppl_texts=ppl_texts,
+                                       probe=(probe_every, probe_size) if probe_every else None)
         self.key = _digest(self.key_parts)
         # the journal is named by the stream (editor, model, case ids), not by the whole key: a resume with other
         # settings finds the earlier run's checkpoint and is refused naming what differs, instead of starting afresh
@@ -445,6 +456,9 @@ class SequentialRun:
             if self.wild:
                 with timer.phase("wild"):
                     step["wild_efficacy"] = [w.contains for w in _wild_rewrite(lm, batch, edit.prompt_prefix)]
+            if any(n_edits - len(batch) < p <= n_edits for p in self.probe_points):
+                with timer.phase("probe"):
+                    step["probe"] = self._probe(n_edits, edit.prompt_prefix)
             if edit.prompt_prefix:
                 step["prompt_prefix"] = edit.prompt_prefix
             line = json.dumps(step)
@@ -467,6 +481,29 @@ class SequentialRun:
                     result.final[c.case_id].update(wild_rewrite_contains=float(w.contains),
                                                    wild_rewrite_em=float(w.exact))
         return result
+
+
+    def _probe(self, n_edits: int, prefix: str) -> dict[str, Any]:
+        """The Mirage probe (Yang et al., 2025, "The Mirage of Model Editing"): ``probe_size`` of the first
+        ``n_edits`` edits, drawn without replacement by a generator seeded with ``n_edits`` (the same draw in every
+        run and on resume), each scored two ways on the current model: teacher-forced (P(new) > P(true) after the
+        edit prompt, and the new target's token accuracy given its own prefix) and in the wild (greedy generation
+        to its natural stop: does it contain / equal the new target)."""
+        import random
+        from .metrics.scoring import score_targets
+        idx = sorted(random.Random(n_edits).sample(range(n_edits), min(self.probe_size, n_edits)))
+        sample = [self.cases[i] for i in idx]
+        pairs = [(c.rewrite_prompt, t) for c in sample for t in (c.target_new, c.target_true) if t is not None]
+        scores = iter(score_targets(self.lm.model, self.lm.tokenizer, [p for p, _ in pairs], [t for _, t in pairs],
+                                    prefix=prefix))                     # one batched call for the whole sample
+        tf, acc = [], []
+        for c in sample:
+            new = next(scores)
+            tf.append(None if c.target_true is None else float(new.prob > next(scores).prob))
+            acc.append(new.token_accuracy)
+        wild = _wild_rewrite(self.lm, sample, prefix)
+        return {"case_ids": [c.case_id for c in sample], "tf_efficacy": tf, "tf_acc": acc,
+                "wild_contains": [float(w.contains) for w in wild], "wild_em": [float(w.exact) for w in wild]}
 
 
 def _wild_rewrite(lm: LoadedModel, cases: Sequence[EditCase], prefix: str) -> list:

@@ -53,6 +53,27 @@ def test_sequential_suite_records(pytester, tiny_model_dir):  # noqa: F811
     assert len(m["norm_l1_by_param"]) == 2                       # MEMIT edits two layers here
 
 
+def test_mirage_probe(pytester, tiny_model_dir):  # noqa: F811
+    """--probe-every K: every K edits a seeded sample of past edits is scored teacher-forced and in the wild; the
+    curves reach the run JSON and the HTML report, and the run key names the probe."""
+    reports = pytester.path / "reports"
+    result = pytester.runpytest_subprocess(*_args(tiny_model_dir, reports, "--editor", "rome", "--seq-edits", "5",
+                                                  "--probe-every", "2", "--probe-size", "2"))
+    result.assert_outcomes(passed=1)
+    rec = _seq_record(reports)
+    m = rec["metrics"]
+    for name in ("probe_tf_efficacy", "probe_tf_acc", "probe_wild_efficacy", "probe_wild_em"):
+        assert [n for n, _ in m[name]] == [2, 4, 5], name          # every 2 edits and the last
+        assert all(0 <= v <= 1 for _, v in m[name]), name
+    assert rec["info"]["probe_every"] == 2 and rec["info"]["probe_size"] == 2
+    journal = next((reports / "sequential").glob("rome-*.jsonl")).read_text().splitlines()
+    probes = [json.loads(line)["probe"] for line in journal if "probe" in json.loads(line)]
+    assert [len(p["case_ids"]) for p in probes] == [2, 2, 2]
+    ids = [json.loads(line)["case_ids"][0] for line in journal]
+    assert all(set(p["case_ids"]) <= set(ids[:n]) for p, n in zip(probes, (2, 4, 5)))   # only edits already made
+    assert "teacher-forced vs in the wild" in (reports / "latest.html").read_text()
+
+
 def test_collapse_is_reported(pytester, tiny_model_dir):  # noqa: F811
     reports = pytester.path / "reports"
     result = pytester.runpytest_subprocess(*_args(tiny_model_dir, reports, "--editor", "rome", "--seq-edits", "2",
@@ -85,7 +106,8 @@ def test_killed_run_resumes_with_the_same_records(tiny_model_dir, tmp_path):  # 
     n = "6"
     full = tmp_path / "full"
     subprocess.run([sys.executable, "-m", "pytest", *_args(tiny_model_dir, full, "--editor", "rome",
-                                                           "--seq-edits", n)], env=env, check=True, cwd=tmp_path,
+                                                           "--seq-edits", n, "--probe-every", "3")], env=env,
+                   check=True, cwd=tmp_path,
                    capture_output=True)
     part = tmp_path / "part"
     (tmp_path / "plugins").mkdir()
@@ -93,7 +115,8 @@ def test_killed_run_resumes_with_the_same_records(tiny_model_dir, tmp_path):  # 
     killer_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "plugins"),
                                                                              env.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "pytest", *_args(tiny_model_dir, part, "--editor", "rome",
-                                                                  "--seq-edits", n), "-p", "seq_killer"],
+                                                                  "--seq-edits", n, "--probe-every", "3"),
+                           "-p", "seq_killer"],
                           env=killer_env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
     journals = list((part / "sequential").glob("*.jsonl"))
@@ -101,12 +124,13 @@ def test_killed_run_resumes_with_the_same_records(tiny_model_dir, tmp_path):  # 
     assert 2 <= lines < int(n), "the run was not interrupted mid-way"
     assert not (part / "latest.json").exists()
     subprocess.run([sys.executable, "-m", "pytest", *_args(tiny_model_dir, part, "--editor", "rome",
-                                                           "--seq-edits", n, "--resume")],
+                                                           "--seq-edits", n, "--probe-every", "3", "--resume")],
                    env=env, check=True, cwd=tmp_path, capture_output=True)
     a, b = _seq_record(full), _seq_record(part)
     assert b["info"]["resumed_from"] >= 2 and a["info"]["resumed_from"] == 0
     flat = lambda v: [x for row in v for x in row] if isinstance(v, list) else v  # noqa: E731
-    for k in ("ppl_curve", "efficacy_immediate", "efficacy_final", "norm_l1", "edits_to_collapse", "n_edits"):
+    for k in ("ppl_curve", "efficacy_immediate", "efficacy_final", "norm_l1", "edits_to_collapse", "n_edits",
+              "probe_tf_efficacy", "probe_wild_efficacy"):
         expected = flat(a["metrics"][k])
         assert flat(b["metrics"][k]) == (expected if expected is None else pytest.approx(expected, rel=1e-6)), k
 

@@ -260,6 +260,10 @@ for _series, _text in (("ppl_curve", "[n_edits, perplexity] after each scheduled
                        ("norm_l1", "[n_edits, mean |W|] of the (first) edited weight after each edit"),
                        ("norm_l1_by_param", "per edited weight: [n_edits, mean |W|]"),
                        ("delta_fro", "[n_edits, ||W - W0||_F summed over edited weights]"),
+                       ("probe_tf_efficacy", "[n_edits, teacher-forced efficacy of sampled past edits] (Mirage)"),
+                       ("probe_tf_acc", "[n_edits, teacher-forced token accuracy of sampled past edits] (Mirage)"),
+                       ("probe_wild_efficacy", "[n_edits, WILD containment of sampled past edits] (Mirage)"),
+                       ("probe_wild_em", "[n_edits, WILD exact match of sampled past edits] (Mirage)"),
                        ("downstream_series", "per state of a sequential run: n_edits, perplexity, accuracy per task")):
     _m(_series, "sequential stream", None, _series, _text, "series", aggregation="none", why=SERIES)
 # edited-layer norms (the D4S paper's L1 norm: sum |W| over the edited weights), sequential and diversity suites

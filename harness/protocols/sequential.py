@@ -26,7 +26,12 @@ PROTOCOLS = {"ppl_curve": PPL["ppl"], "efficacy_immediate": "rome-counterfact, r
              "norm_growth": "sum |W| over the edited weights after the last edit / before the first (D4S)",
              "wild_efficacy_immediate": f"{WILD_PROTOCOL}: contains target_new, right after each edit",
              "wild_efficacy_final": f"{WILD_PROTOCOL}: contains target_new, every edit re-scored after the last one",
-             "wild_em_final": f"{WILD_PROTOCOL}: exact match, every edit re-scored after the last one"}
+             "wild_em_final": f"{WILD_PROTOCOL}: exact match, every edit re-scored after the last one",
+             "probe_tf_efficacy": "rome-counterfact efficacy (P(new) > P(true) after the edit prompt) of --probe-size "
+                                  "past edits drawn every --probe-every edits",
+             "probe_tf_acc": "easyedit-teacher-forced token accuracy of target_new, the same sampled past edits",
+             "probe_wild_efficacy": f"{WILD_PROTOCOL}: contains target_new, the same sampled past edits",
+             "probe_wild_em": f"{WILD_PROTOCOL}: exact match, the same sampled past edits"}
 
 # For the metric registry (``MetricSpec`` keyword arguments): the WILD additions of this protocol.
 METRIC_SPECS = tuple(dict(name=k, protocol=PROTOCOLS[k], higher_is_better=True, unit="fraction", label=label,
@@ -48,15 +53,16 @@ def sequential(session: HarnessSession, editor: Editor, cases: Sequence[EditCase
                         ppl_base=session.base_perplexity().mean_ppl,
                         journal_dir=Path(o.report_dir) / "sequential", batch_size=o.batch_size,
                         ppl_schedule=o.ppl_schedule, resume=o.resume, progress=o.progress, wild=o.wild,
-                        ppl_texts=session.ppl_texts())
+                        ppl_texts=session.ppl_texts(), probe_every=o.probe_every, probe_size=o.probe_size)
     with guarded(lm, editor, f"the sequential run of {editor.name}"):
         result = run.run(timer)
     metrics = result.metrics(session.thresholds.collapse_ppl_ratio)
-    info = {"resumed_from": result.resumed_from, "batch_size": o.batch_size, "ppl_schedule": o.ppl_schedule}
+    info = {"resumed_from": result.resumed_from, "batch_size": o.batch_size, "ppl_schedule": o.ppl_schedule,
+            **({"probe_every": o.probe_every, "probe_size": o.probe_size} if o.probe_every else {})}
     protocols = dict(PROTOCOLS)
     if run.prompt_prefix:            # an in-context editor: every score and perplexity after its growing prefix
         protocols["ppl_curve"] += f", after each edit: {PREFIXED}"
         for k in protocols:          # every score of the edits (ES, teacher-forced accuracy, WILD) was read after it
-            if k.endswith(("_immediate", "_final")):
+            if k.endswith(("_immediate", "_final")) or k.startswith("probe_"):
                 protocols[k] += ", after the editor's prompt prefix"
     return Measurement(metrics, protocols, info)

@@ -229,6 +229,10 @@ def build_plots(records: list[dict], editors: list[str], collapse_ratio: float |
         ("Edited-layer weights: mean |W|", "Mean absolute value of the (first) edited weight matrix after each "
          "number of edits of a sequential run (metric norm_l1).",
          lambda: plot_series(active, editors, "norm_l1", "mean |W| of the edited weight")),
+        ("Past edits: teacher-forced vs in the wild", "The Mirage probe (--probe-every K): a random sample of the "
+         "edits made so far, re-scored every K edits of a sequential run, teacher-forced (solid: P(new) > P(true)) "
+         "and generated greedily to a natural stop (dashed: the answer contains the new target).",
+         lambda: plot_probe(active, editors)),
         ("Downstream accuracy vs perplexity", "Accuracy per downstream task against perplexity at each state of "
          "a sequential run (base model, then after each edit); the legend gives the Spearman correlation.",
          lambda: plot_downstream_vs_ppl(active, editors)),
@@ -381,6 +385,35 @@ def plot_ppl_curves(records: list[dict], editors: list[str], collapse_ratio: flo
     _zoom(ax, values or [1.0])
     _threshold(ax, collapse_ratio, values or [1.0])
     ax.set_ylabel("perplexity / perplexity before editing")
+    _legend_outside(ax)
+    return fig
+
+
+def plot_probe(records: list[dict], editors: list[str]) -> Figure | None:
+    """The Mirage probe's two efficacy curves per sequential record: teacher-forced (solid), WILD (dashed)."""
+    curves = []
+    for rec in records:
+        tf, wild = _points(metric(rec, "probe_tf_efficacy")), _points(metric(rec, "probe_wild_efficacy"))
+        if tf or wild:
+            curves.append((editor_of(rec), tf, wild))
+    if not curves:
+        return None
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    colour = {e: f"C{i % 10}" for i, e in enumerate(e for e in editors)}
+    seen = set()
+    for editor, tf, wild in curves:
+        for pts, style, kind in ((tf, "-", "teacher-forced"), (wild, "--", "WILD")):
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                label = safe_label(f"{editor} {kind}")
+                ax.plot(xs, ys, style, marker=".", color=colour.get(editor, "C0"),
+                        label=label if label not in seen else "_nolegend_")
+                seen.add(label)
+    ax.set_xlabel("number of edits")
+    ax.set_ylabel("efficacy of sampled past edits")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
     _legend_outside(ax)
     return fig
 
