@@ -101,3 +101,26 @@ def test_a_failed_edit_removes_the_adapter(tiny_llama, builtin_cases, monkeypatc
     with pytest.raises(RuntimeError, match="boom"):
         lora.apply(tiny_llama, [builtin_cases[0]])
     assert not lora.attached and _tree(tiny_llama.model) == tree
+
+
+def test_the_edit_does_not_depend_on_the_global_generator(tiny_llama, builtin_cases):
+    """The adapters' random initialisation is seeded (hparam ``seed``), so an edit gives the same adapter whatever
+    ran before it in the process (the gate's run-to-run reproducibility), and the caller's generator is left as it
+    was."""
+    case = builtin_cases[0]
+    adapters = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        lora = build_editor("lora", tiny_llama, _hp(tiny_llama))
+        edit = lora.apply(tiny_llama, [case])
+        adapters.append(lora.adapter_weights())
+        after = torch.rand(1)
+        torch.manual_seed(state)
+        assert torch.equal(after, torch.rand(1))         # the init drew from a forked generator
+        edit.undo()
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    other = build_editor("lora", tiny_llama, [*_hp(tiny_llama), "seed=1"])
+    edit = other.apply(tiny_llama, [case])
+    assert not torch.equal(*(w[next(k for k in w if ".lora_A." in k)] for w in (adapters[0], other.adapter_weights())))
+    edit.undo()

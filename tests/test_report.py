@@ -17,6 +17,7 @@ from harness.report.leaderboard import (
     board_tables,
     leaderboard,
     load_runs,
+    to_markdown,
     write_leaderboard,
 )
 
@@ -358,6 +359,21 @@ def test_leaderboard_does_not_reward_collapse_and_respects_min_n():
         ("rome", 1, 0), ("memit", 2, 0), ("ft_l", 3, 1), ("r_rome", None, 0)]
     df = leaderboard([run], min_n=5)
     assert list(df["rank"].astype("object").where(df["rank"].notna(), None)) == [1, 2, 3, None]
+
+
+def test_leaderboard_ranks_streams_by_their_edits():
+    """A sequential table has one record (stream) per editor: a stream of n_edits >= min_n edits is ranked (n says
+    both), a shorter one is listed only; a collapsed stream ranks below an intact one."""
+    run = make_run()
+    run["records"] = [_sequential("rome", collapse_at=30, growth=0.8), _sequential("memit", None, 0.1),
+                      _sequential("grace", None, 0.0)]
+    for rec, n in zip(run["records"], (50, 50, 3)):
+        rec["metrics"]["n_edits"] = n
+    (table,) = board_tables([run], min_n=5)
+    assert [(r.editor, r.rank, r.n, r.edits) for r in table.rows] == [
+        ("memit", 1, 1, 50), ("rome", 2, 1, 50), ("grace", None, 1, 3)]
+    md = to_markdown([table], min_n=5)
+    assert "| 1 | memit | 1 (50 edits) |" in md and "a sequential stream counts its edits" in md
 
 
 def test_leaderboard_counts_a_case_once_and_splits_hyperparameter_settings():

@@ -48,6 +48,7 @@ class LoraHparams:
     lr: float = field(default=5e-3, metadata={"gt": 0})
     weight_decay: float = field(default=0.0, metadata={"min": 0})
     early_stop_loss: float = field(default=0.0, metadata={"min": 0})
+    seed: int = 0                                     # the adapters' random initialisation (peft: A kaiming, B 0)
 
 
 def _peft():
@@ -90,7 +91,12 @@ class LoRA(Editor):
                             target_modules=list(hp.target_modules), fan_in_fan_out=lm.adapter.transposed,
                             layers_to_transform=[int(x) for x in hp.layers] or None)
         self._lm = lm
-        self._tuner = LoraModel(lm.model, config, "default")          # injects the adapters in place
+        # peft draws A from the global generator: seed it here (and leave the caller's state as it was), so that an
+        # edit's result does not depend on what ran before it in the process (test order, xdist worker)
+        devices = list(range(torch.cuda.device_count())) if lm.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(hp.seed)
+            self._tuner = LoraModel(lm.model, config, "default")      # injects the adapters in place
         lm.model.train(lm.model.training)        # new adapter modules start in train mode: follow the model (eval)
         for p in lm.model.parameters():                                # the base stays frozen (harness contract)
             p.requires_grad_(False)

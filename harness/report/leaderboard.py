@@ -50,7 +50,8 @@ from harness.report.escape import markdown_cell
 
 RANK_BY = ("rome_score", "problem_score", "efficacy_final", "neighborhood_retained", "best_edit_success")
 DEFAULT_MIN_N = 5
-RULE = ("Ranking: editors with fewer than {min_n} cases are listed but not ranked; the others rank first by "
+RULE = ("Ranking: editors with fewer than {min_n} cases are listed but not ranked (a sequential stream counts "
+        "its edits: one stream of 5 edits is 5 cases for this rule, n = 1 for its intervals); the others rank first by "
         "collapse (no collapsed case above any collapsed case, fewer collapsed cases above more; a case is collapsed "
         "when its perplexity ratio reached the run's collapse threshold or is not a number, or its sequential stream "
         "collapsed), then by score (descending), then n. Cells: mean [95% bootstrap CI over cases]; timings: median.")
@@ -70,10 +71,15 @@ class BoardRow:
     score: Aggregate | None
     metrics: dict[str, Aggregate | None]
     rank: int | None = None
+    edits: int | None = None       # a stream suite's row: the edits in its streams (None: a per-case suite)
 
     @property
     def ranked(self) -> bool:
         return self.rank is not None
+
+    def eligible(self, min_n: int) -> bool:
+        """Enough cases to rank: records of a per-case suite, edits of a stream suite's streams."""
+        return (self.edits if self.edits is not None else self.n) >= min_n
 
 
 @dataclass
@@ -186,10 +192,10 @@ def _rank(rows: list[BoardRow], min_n: int, score_metric: str | None) -> None:
     def key(row: BoardRow) -> tuple:
         value = row.score.value if row.score and row.score.value is not None else None
         score = sign * value if value is not None and math.isfinite(value) else math.inf
-        return (not row.n >= min_n, row.collapsed > 0, row.collapsed / max(row.n, 1), score, -row.n, row.editor)
+        return (not row.eligible(min_n), row.collapsed > 0, row.collapsed / max(row.n, 1), score, -row.n, row.editor)
 
     rows.sort(key=key)
-    for i, row in enumerate(r for r in rows if r.n >= min_n):
+    for i, row in enumerate(r for r in rows if r.eligible(min_n)):
         row.rank = i + 1
 
 
@@ -213,9 +219,11 @@ def board_tables(runs: list[dict], min_n: int = DEFAULT_MIN_N) -> list[BoardTabl
             if label != editor:
                 table.legend[label] = _stands_for(editor, digest, {d: variants.get(editor, {}).get(d, {})
                                                                    for d in digests[editor]})
+            edits = [to_number((rec.get("metrics") or {}).get("n_edits")) for rec in records]
             table.rows.append(BoardRow(label, len(records), len({r for _, _, r in cases.values()}),
                                        sum(c for _, c, _ in cases.values()), _score(records, score_metric),
-                                       {n: aggregate_records(records, n) for n in columns}))
+                                       {n: aggregate_records(records, n) for n in columns},
+                                       edits=int(sum(edits)) if edits and None not in edits else None))
         _rank(table.rows, min_n, score_metric)
         out.append(table)
     return out
@@ -245,7 +253,8 @@ def leaderboard(runs: Iterable[dict], min_n: int = DEFAULT_MIN_N) -> pd.DataFram
 def _cells(table: BoardTable, row: BoardRow, escape: Callable[[str], str] = str) -> list[str]:
     """A row's cells; only the editor is run-provided text (``escape`` is applied to it), the rest are numbers."""
     editor = escape(row.editor) + (" (collapsed)" if row.collapsed else "")
-    return [str(row.rank) if row.rank else "-", editor, str(row.n), str(row.runs), f"{row.collapsed}/{row.n}",
+    n = f"{row.n} ({row.edits} edits)" if row.edits is not None else str(row.n)
+    return [str(row.rank) if row.rank else "-", editor, n, str(row.runs), f"{row.collapsed}/{row.n}",
             fmt_aggregate(row.score, None, 4), *[fmt_aggregate(row.metrics[c], None, 4) for c in table.columns]]
 
 
@@ -289,7 +298,7 @@ def write_leaderboard(runs: list[dict], out_dir: str | Path, min_n: int = DEFAUL
     html = template_env().get_template("leaderboard.html.j2").render(
         rule=RULE.format(min_n=min_n),
         tables=[{"title": t.title, "headers": _headers(t),
-                 "tooltips": ["", "", "cases (records) aggregated", "runs pooled", "collapsed cases",
+                 "tooltips": ["", "", "cases (records) aggregated; a stream suite: streams (their edits)", "runs pooled", "collapsed cases",
                               metric_spec(t.score_metric).tooltip if t.score_metric else "",
                               *[metric_spec(c).tooltip for c in t.columns]],
                  "rows": [{"cells": _cells(t, r), "ranked": r.ranked, "collapsed": r.collapsed} for r in t.rows],
