@@ -22,14 +22,17 @@ from typing import IO, Iterator
 class _Bar:
     """What a step hands its caller: ``update(n)`` units done."""
 
-    def __init__(self, tqdm_bar=None):
+    def __init__(self, tqdm_bar=None, heartbeat=None):
         self._bar = tqdm_bar
+        self._heartbeat = heartbeat              # called after each update when there is no bar (a line now and then)
         self.n = 0
 
     def update(self, n: int = 1) -> None:
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
+        elif self._heartbeat is not None:
+            self._heartbeat(self.n)
 
 
 def _duration(seconds: float) -> str:
@@ -67,22 +70,37 @@ class Progress:
             out.flush()
 
     @contextmanager
-    def step(self, desc: str, total: int | None = None, unit: str = "it", note: str = "") -> Iterator[_Bar]:
+    def step(self, desc: str, total: int | None = None, unit: str = "it", note: str = "", initial: int = 0,
+             every_s: float | None = None) -> Iterator[_Bar]:
         """A long step: a bar with rate and ETA (on a terminal, when ``total`` is known), else a start line
-        (``desc``, ``note``) and an end line with the time taken and the rate."""
+        (``desc``, ``note``) and an end line with the time taken and the rate; with ``every_s`` also a line with
+        units done, rate and ETA at most that often (a step of hours under CI). ``initial``: units already done
+        (a resumed stream), not counted in the rate."""
         if not self.enabled:
             yield _Bar()
             return
         t0 = time.perf_counter()
         if self.bars and total:                  # no total, no rate or ETA to show: the start and end lines
             from tqdm.auto import tqdm
-            with tqdm(total=total, desc=f"harness: {desc}", unit=unit, unit_scale=True, file=self._out(),
-                      mininterval=1.0, dynamic_ncols=True, leave=True) as t:
+            with tqdm(total=total, initial=initial, desc=f"harness: {desc}", unit=unit, unit_scale=True,
+                      file=self._out(), mininterval=1.0, dynamic_ncols=True, leave=True) as t:
                 yield _Bar(t)
             return
         size = f" ({total:,} {unit})" if total else ""
-        self.line(f"{desc}{size}{': ' + note if note else ''} ...")
-        bar = _Bar()
+        extra = ", ".join(x for x in (note, f"{initial:,} done before" if initial else "") if x)
+        self.line(f"{desc}{size}{': ' + extra if extra else ''} ...")
+        last = [t0]
+
+        def heartbeat(n: int) -> None:
+            now = time.perf_counter()
+            if now - last[0] >= every_s:
+                last[0] = now
+                rate = n / (now - t0)
+                eta = f", about {_duration((total - initial - n) / rate)} left" if total and rate > 0 else ""
+                self.line(f"{desc}: {initial + n:,}{f'/{total:,}' if total else ''} {unit} "
+                          f"({rate * 60:,.1f} {unit}/min{eta})")
+
+        bar = _Bar(heartbeat=heartbeat if every_s else None)
         yield bar
         dt = time.perf_counter() - t0
         rate = f", {bar.n / dt:,.0f} {unit}/s" if bar.n and dt > 0 else ""

@@ -36,6 +36,7 @@ from .metrics import counterfact_metrics
 from .metrics.norms import l1_norm, norm_growth, total_l1, weight_norms
 from .models.loading import LoadedModel
 from .models.snapshot import WeightSnapshot, param_digest
+from .progress import Progress
 
 CHECKPOINT_FORMAT = 3     # 3: the run key's parts are stored (a refused resume names what differs)
 
@@ -268,7 +269,8 @@ class SequentialRun:
 
     def __init__(self, lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *,
                  perplexity: Callable[[], float], ppl_base: float, journal_dir: Path, batch_size: int = 1,
-                 ppl_schedule: str = "every", resume: bool = False, progress: bool = False, wild: bool = False,
+                 ppl_schedule: str = "every", resume: bool = False, progress: Progress | bool = False,
+                 wild: bool = False,
                  ppl_texts: Sequence[str] | None = None, probe_every: int = 0, probe_size: int = 20):
         if batch_size > 1 and not editor.supports_batch:
             raise ValueError(f"editor {editor.name!r} edits one case at a time; use --batch-size 1")
@@ -429,15 +431,35 @@ class SequentialRun:
             self.lock.release()
 
     def _run(self, timer, names: list[str], original: WeightSnapshot) -> SequentialResult:
-        lm, editor = self.lm, self.editor
+        lm = self.lm
         lines = self._start(names)
         result = SequentialResult(ppl_base=self.ppl_base, resumed_from=len(lines))
         steps = [json.loads(line) for line in lines]
         self.prompt_prefix = steps[-1].get("prompt_prefix", "") if steps else ""
         n_edits = sum(len(s["case_ids"]) for s in steps)
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(self.batches), initial=len(steps), desc=f"sequential {editor.name}",
-                   disable=not self.progress, leave=False)
+        progress = self.progress if isinstance(self.progress, Progress) else Progress(enabled=bool(self.progress))
+        with progress.step(f"sequential {self.editor.name}", total=len(self.cases), unit="edits", initial=n_edits,
+                           every_s=60.0) as bar:
+            self._edit_all(timer, steps, lines, names, original, n_edits, bar)
+        result.steps = steps
+        result.l1_before = sum(l1_norm(w) for w in original.saved.values())
+        result.l1_after = total_l1(weight_norms(lm.model, names))
+        with timer.phase("evaluate_final"):
+            for c in self.cases:
+                m = counterfact_metrics(lm.model, lm.tokenizer, c, prefix=self.prompt_prefix)
+                result.final[c.case_id] = {k: m.get(k) for k in ("efficacy_success", "paraphrase_success",
+                                                                 "neighborhood_success", "rewrite_acc")}
+            if self.wild:
+                for c, w in zip(self.cases, _wild_rewrite(lm, self.cases, self.prompt_prefix)):
+                    result.final[c.case_id].update(wild_rewrite_contains=float(w.contains),
+                                                   wild_rewrite_em=float(w.exact))
+        return result
+
+    def _edit_all(self, timer, steps: list[dict], lines: list[str], names: list[str], original: WeightSnapshot,
+                  n_edits: int, bar) -> None:
+        """The stream's remaining batches, each edited, scored, journaled and checkpointed (``steps`` and
+        ``lines`` grow with them)."""
+        lm, editor = self.lm, self.editor
         for batch in self.batches[len(steps):]:
             with timer.phase("edit"):
                 edit = editor.apply(lm, batch)
@@ -466,22 +488,7 @@ class SequentialRun:
             lines.append(line)
             self._append(line)
             self._save(lines, names)
-            bar.update(1)
-        bar.close()
-        result.steps = steps
-        result.l1_before = sum(l1_norm(w) for w in original.saved.values())
-        result.l1_after = total_l1(weight_norms(lm.model, names))
-        with timer.phase("evaluate_final"):
-            for c in self.cases:
-                m = counterfact_metrics(lm.model, lm.tokenizer, c, prefix=self.prompt_prefix)
-                result.final[c.case_id] = {k: m.get(k) for k in ("efficacy_success", "paraphrase_success",
-                                                                 "neighborhood_success", "rewrite_acc")}
-            if self.wild:
-                for c, w in zip(self.cases, _wild_rewrite(lm, self.cases, self.prompt_prefix)):
-                    result.final[c.case_id].update(wild_rewrite_contains=float(w.contains),
-                                                   wild_rewrite_em=float(w.exact))
-        return result
-
+            bar.update(len(batch))
 
     def _probe(self, n_edits: int, prefix: str) -> dict[str, Any]:
         """The Mirage probe (Yang et al., 2025, "The Mirage of Model Editing"): ``probe_size`` of the first

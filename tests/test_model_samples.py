@@ -162,3 +162,24 @@ class _Lines:
 
     def flush(self):
         pass
+
+
+def test_a_long_step_says_how_far_it_is_now_and_then(monkeypatch):
+    """Without a terminal a step of hours (a 1,000-edit stream) prints, besides its start and end lines, a line with
+    units done, rate and ETA at most every ``every_s`` seconds; a resumed step counts the units done before."""
+    import io
+
+    from harness import progress as progress_module
+    clock = iter([0.0, 10.0, 70.0, 80.0, 200.0, 200.0])
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    with Progress(out, bars=False).step("sequential memit", total=1000, unit="edits", initial=100,
+                                        every_s=60.0) as bar:
+        for _ in range(4):
+            bar.update(100)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "harness: sequential memit (1,000 edits): 100 done before ..."
+    # t=10: 100 edits, under a minute since the start: quiet; t=70: 200 edits in 70 s -> a line; t=80: quiet
+    assert lines[1] == "harness: sequential memit: 300/1,000 edits (171.4 edits/min, about 4 min 5 s left)"
+    assert lines[2] == "harness: sequential memit: 500/1,000 edits (120.0 edits/min, about 4 min 10 s left)"
+    assert lines[3].startswith("harness: sequential memit: done in 3 min 20 s") and len(lines) == 4

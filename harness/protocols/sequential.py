@@ -52,7 +52,7 @@ def sequential(session: HarnessSession, editor: Editor, cases: Sequence[EditCase
                         perplexity=lambda: session.perplexity(prefix=run.prompt_prefix).mean_ppl,
                         ppl_base=session.base_perplexity().mean_ppl,
                         journal_dir=Path(o.report_dir) / "sequential", batch_size=o.batch_size,
-                        ppl_schedule=o.ppl_schedule, resume=o.resume, progress=o.progress, wild=o.wild,
+                        ppl_schedule=o.ppl_schedule, resume=o.resume, progress=session.progress, wild=o.wild,
                         ppl_texts=session.ppl_texts(), probe_every=o.probe_every, probe_size=o.probe_size)
     with guarded(lm, editor, f"the sequential run of {editor.name}"):
         result = run.run(timer)
