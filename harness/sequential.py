@@ -34,6 +34,7 @@ from .data.resolved import cases_digest, cases_resolved, key_parts, stats_resolv
 from .editors.base import Editor
 from .metrics import counterfact_metrics
 from .metrics.norms import l1_norm, norm_growth, total_l1, weight_norms
+from .metrics.registry import aggregate
 from .models.loading import LoadedModel
 from .models.snapshot import WeightSnapshot, param_digest
 from .progress import Progress
@@ -123,6 +124,9 @@ class SequentialResult:
             "norm_l1": first,                      # mean |W| of the (first) edited weight after each edit
             "norm_l1_by_param": norm_series,
             "delta_fro": [[s["n_edits"], sum(v["delta_fro"] for v in s["norms"].values())] for s in self.steps],
+            # a stream is one record: its final scores' intervals are over its edits (the registry's bootstrap)
+            "final_ci": {k: [a.low, a.high] for k in ("efficacy", "paraphrase", "neighborhood")
+                         for a in [aggregate([f.get(f"{k}_success") for f in fin])] if a.n},
             "l1_before": self.l1_before, "l1_after": self.l1_after,
             "norm_growth": norm_growth(self.l1_before, self.l1_after),
         }

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .data import EditCase, default_ppl_corpus, default_stats_corpus, load_cases, load_texts, resolve_data_dir
+from .data import DataError, EditCase, default_ppl_corpus, default_stats_corpus, load_cases, load_texts, resolve_data_dir
 from .data.pool import default_train_pool
 from .data.resolved import Resolved, cases_resolved, resolve_texts, stats_resolved
 from .editors import Editor, build_editor
@@ -207,6 +207,18 @@ class HarnessSession:
             self._cases = cases
             self.resolved["dataset"] = cases_resolved(self.dataset_name(), self.options.data_dir, cases,
                                                       requested=self.options.dataset)
+        return cases
+
+    def stream_cases(self, spec: str | None = None) -> list[EditCase]:
+        """The first ``--seq-edits`` cases of ``--dataset`` (or of ``spec``) as one stream; fewer is a one-line
+        error, never a shorter stream than the one asked for."""
+        n = self.options.seq_edits
+        cases = self.cases(spec, limit=n)
+        if len(cases) < n:
+            name = spec or self.dataset_name()
+            raise DataError(f"--seq-edits {n}: dataset {name!r} has only {len(cases)} usable cases; ask for at most "
+                            f"{len(cases)} edits, or give a larger --dataset (counterfact-easyedit has 10,000 records "
+                            "in the data dir)")
         return cases
 
     def diversity_sets(self) -> dict:

@@ -16,7 +16,7 @@ def test_hard_single_edit(harness, editor, case, record):
 
 
 def test_hard_sequential(harness, editor, record):
-    cases = harness.cases(harness.options.hard_dataset, limit=harness.options.seq_edits)
+    cases = harness.stream_cases(harness.options.hard_dataset)
     m = protocols.sequential(harness, editor, cases, record.timer)
     record.add(m)
     assert not (bad := harness.thresholds.violations_sequential(m)), "; ".join(bad)

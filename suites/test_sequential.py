@@ -9,6 +9,6 @@ pytestmark = pytest.mark.suite("sequential")
 
 
 def test_sequential(harness, editor, record):
-    m = protocols.sequential(harness, editor, harness.cases(limit=harness.options.seq_edits), record.timer)
+    m = protocols.sequential(harness, editor, harness.stream_cases(), record.timer)
     record.add(m)
     assert not (bad := harness.thresholds.violations_sequential(m)), "; ".join(bad)

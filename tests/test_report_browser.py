@@ -265,3 +265,44 @@ def test_nothing_is_cut_off_at_1280_px(layout):
         assert p["scrolled"], "no message or first column measured in a scrolled table"
         for el in p["scrolled"]:
             assert el["boxLeft"] - 0.5 <= el["left"] and el["left"] < el["boxRight"] - 100, f"{name}: {el}"
+
+
+# ------------------------------------------------------------------ the committed leaderboard page (docs/leaderboard)
+BOARD = Path(__file__).resolve().parents[1] / "docs" / "leaderboard"
+BASELINE = Path(__file__).resolve().parents[1] / "baselines" / "cpu-gate.json"
+BOARD_PROBE = r"""(() => ({
+  vw: window.innerWidth, scrollWidth: document.documentElement.scrollWidth,
+  tables: Array.from(document.querySelectorAll("table")).map((t) => ({
+    title: (t.parentElement.previousElementSibling || {}).textContent || "",   // the <h2> above its scroll box
+    editors: Array.from(t.querySelectorAll("tbody tr")).map((tr) => tr.cells[1] ? tr.cells[1].textContent : ""),
+    ranks: Array.from(t.querySelectorAll("tbody tr")).map((tr) => tr.cells[0] ? tr.cells[0].textContent : ""),
+  })),
+}))()"""
+
+
+@pytest.mark.skipif(not BASELINE.is_file(), reason="no baselines/cpu-gate.json")
+def test_the_committed_leaderboard_is_the_baselines(tmp_path):
+    """docs/leaderboard/ is what `harness leaderboard baselines/cpu-gate.json` writes (tox -e baselines): a
+    baseline refreshed without its page, or a page edited by hand, fails here."""
+    from harness.cli import main
+    assert main(["leaderboard", str(BASELINE), "-o", str(tmp_path)]) == 0
+    assert (tmp_path / "leaderboard.md").read_text() == (BOARD / "leaderboard.md").read_text()
+    assert (tmp_path / "index.html").read_text() == (BOARD / "index.html").read_text()
+
+
+@needs_chromium
+@pytest.mark.skipif(not BASELINE.is_file(), reason="no baselines/cpu-gate.json")
+def test_the_committed_leaderboard_opens_in_a_browser(tmp_path):
+    """The page opens from disk with no console error and no request, every editor of the baseline is a row of
+    both tables (single edits and sequential streams), every row is ranked, and nothing is cut off at 1280 px."""
+    import json
+    editors = set(json.loads(BASELINE.read_text())["config"]["editors"])
+    res = rr.render(BOARD / "index.html", tmp_path / "board.png", probe=BOARD_PROBE)
+    assert res.errors == [] and res.blocked == []
+    p = res.probe
+    assert p["vw"] == 1280 and p["scrollWidth"] <= 1280, p["scrollWidth"]
+    boards = [t for t in p["tables"] if "/" in t["title"]]          # model / dataset / suite tables
+    assert sorted(t["title"].rsplit("/ ", 1)[-1] for t in boards) == ["sequential", "single_edit"]
+    for t in boards:
+        assert {e.replace(" (collapsed)", "") for e in t["editors"]} == editors, t["title"]
+        assert t["ranks"] == [str(i) for i in range(1, len(editors) + 1)], t["title"]

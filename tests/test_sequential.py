@@ -66,6 +66,9 @@ def test_mirage_probe(pytester, tiny_model_dir):  # noqa: F811
         assert [n for n, _ in m[name]] == [2, 4, 5], name          # every 2 edits and the last
         assert all(0 <= v <= 1 for _, v in m[name]), name
     assert rec["info"]["probe_every"] == 2 and rec["info"]["probe_size"] == 2
+    for k in ("efficacy", "paraphrase", "neighborhood"):                   # a stream's intervals: over its edits
+        low, high = m["final_ci"][k]
+        assert low <= m[f"{k}_final"] <= high, k
     journal = next((reports / "sequential").glob("rome-*.jsonl")).read_text().splitlines()
     probes = [json.loads(line)["probe"] for line in journal if "probe" in json.loads(line)]
     assert [len(p["case_ids"]) for p in probes] == [2, 2, 2]

@@ -89,3 +89,17 @@ def test_a_failed_load_while_collecting_is_one_line(pytester):
     assert out.count("not a model directory") == 1, out
     assert "the model could not be loaded: --model /no/such/dir: not a model directory" in out
     assert "Traceback" not in out and "ERROR collecting" not in out
+
+
+def test_a_stream_longer_than_the_dataset_is_a_one_line_error(tiny_model_dir, tmp_path):
+    """--seq-edits 1000 on a 40-case set once ran a 40-edit stream under the 1,000-edit name; now it is refused,
+    naming the set, its size and the way out."""
+    from harness.data import DataError
+    h = HarnessSession(tiny_options(tiny_model_dir, tmp_path, seq_edits=1000))
+    with pytest.raises(DataError) as e:
+        h.stream_cases()
+    msg = str(e.value)
+    assert "\n" not in msg and "--seq-edits 1000: dataset 'builtin' has only 40 usable cases" in msg
+    assert "counterfact-easyedit" in msg
+    h = HarnessSession(tiny_options(tiny_model_dir, tmp_path, seq_edits=40))
+    assert len(h.stream_cases()) == 40

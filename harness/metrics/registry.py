@@ -264,6 +264,8 @@ for _series, _text in (("ppl_curve", "[n_edits, perplexity] after each scheduled
                        ("probe_tf_acc", "[n_edits, teacher-forced token accuracy of sampled past edits] (Mirage)"),
                        ("probe_wild_efficacy", "[n_edits, WILD containment of sampled past edits] (Mirage)"),
                        ("probe_wild_em", "[n_edits, WILD exact match of sampled past edits] (Mirage)"),
+                       ("final_ci", "per final score of a stream (efficacy, paraphrase, neighborhood): [low, "
+                                    "high], the 95% bootstrap interval over the stream's edits"),
                        ("downstream_series", "per state of a sequential run: n_edits, perplexity, accuracy per task")):
     _m(_series, "sequential stream", None, _series, _text, "series", aggregation="none", why=SERIES)
 # edited-layer norms (the D4S paper's L1 norm: sum |W| over the edited weights), sequential and diversity suites

@@ -7,7 +7,7 @@
 * **Ranking rule** (documented in the output): rows with fewer than ``min_n`` cases are listed but not ranked.
   The others are ranked first by collapse, then by score: an editor with no collapsed case ranks above every
   editor with one, and among editors that collapsed fewer collapsed cases rank higher; ties in collapse are
-  broken by the score (descending), then by n. A case is collapsed when its ppl_ratio reached its run's collapse
+  broken by the score (descending), then by the perplexity ratio's mean (ascending: less damage first), then by n. A case is collapsed when its ppl_ratio reached its run's collapse
   threshold or is not a finite number (NaN, written null: the suites count it as collapse too) or its sequential
   stream recorded edits_to_collapse. So a collapse can never be bought back by efficacy, nor hidden by a NaN.
   Editor aliases (``ft``) share their canonical editor's row (``ft_l``).
@@ -54,7 +54,7 @@ RULE = ("Ranking: editors with fewer than {min_n} cases are listed but not ranke
         "its edits: one stream of 5 edits is 5 cases for this rule, n = 1 for its intervals); the others rank first by "
         "collapse (no collapsed case above any collapsed case, fewer collapsed cases above more; a case is collapsed "
         "when its perplexity ratio reached the run's collapse threshold or is not a number, or its sequential stream "
-        "collapsed), then by score (descending), then n. Cells: mean [95% bootstrap CI over cases]; timings: median.")
+        "collapsed), then by score (descending), then by perplexity ratio (ascending), then n. Cells: mean [95% bootstrap CI over cases]; timings: median.")
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[dict]:
@@ -72,6 +72,7 @@ class BoardRow:
     metrics: dict[str, Aggregate | None]
     rank: int | None = None
     edits: int | None = None       # a stream suite's row: the edits in its streams (None: a per-case suite)
+    ppl_ratio: Aggregate | None = None    # the tie-break after the score
 
     @property
     def ranked(self) -> bool:
@@ -192,7 +193,10 @@ def _rank(rows: list[BoardRow], min_n: int, score_metric: str | None) -> None:
     def key(row: BoardRow) -> tuple:
         value = row.score.value if row.score and row.score.value is not None else None
         score = sign * value if value is not None and math.isfinite(value) else math.inf
-        return (not row.eligible(min_n), row.collapsed > 0, row.collapsed / max(row.n, 1), score, -row.n, row.editor)
+        ppl = row.ppl_ratio.value if row.ppl_ratio and row.ppl_ratio.value is not None else None
+        damage = ppl if ppl is not None and math.isfinite(ppl) else math.inf
+        return (not row.eligible(min_n), row.collapsed > 0, row.collapsed / max(row.n, 1), score, damage, -row.n,
+                row.editor)
 
     rows.sort(key=key)
     for i, row in enumerate(r for r in rows if r.eligible(min_n)):
@@ -223,7 +227,8 @@ def board_tables(runs: list[dict], min_n: int = DEFAULT_MIN_N) -> list[BoardTabl
             table.rows.append(BoardRow(label, len(records), len({r for _, _, r in cases.values()}),
                                        sum(c for _, c, _ in cases.values()), _score(records, score_metric),
                                        {n: aggregate_records(records, n) for n in columns},
-                                       edits=int(sum(edits)) if edits and None not in edits else None))
+                                       edits=int(sum(edits)) if edits and None not in edits else None,
+                                       ppl_ratio=aggregate_records(records, "ppl_ratio")))
         _rank(table.rows, min_n, score_metric)
         out.append(table)
     return out
