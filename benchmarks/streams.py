@@ -51,23 +51,27 @@ def row(run: dict, rec: dict) -> dict:
     }
 
 
+def _points(row: dict) -> list[int]:
+    """The scheduled perplexity points shown: the first at or after 1, 10 and 100 edits, and the last."""
+    ns = [int(n) for n, _ in row["ppl_curve"] if n > 0]
+    return sorted({min(n for n in ns if n >= k) for k in (1, 10, 100) if any(n >= k for n in ns)} | {ns[-1]})
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ("| editor | batch | perplexity ratio after 1 / 10 / 100 / 1,000 edits | edits to collapse (x2) | ES "
+    shown = _points(rows[0]) if rows else []
+    head = (f"| editor | batch | perplexity ratio after {' / '.join(f'{n:,}' for n in shown)} edits | edits to "
+            "collapse (x2) | ES "
             "immediate / final | PS final | NS final | norm growth | probe at the end: TF / WILD | s / edit: edit "
             "+ evaluate + ppl + probe + final = total | peak RSS |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         base = r["ppl_curve"][0][1]
         at = {int(n): p / base for n, p in r["ppl_curve"]}
-
-        def near(k: int) -> str:           # the scheduled point at or just after k edits
-            ks = [n for n in at if n >= k]
-            return f"{at[min(ks)]:.3f}" if ks else "-"
         s = r["s_per_edit"]
         parts = [s.get(k, 0.0) for k in ("edit", "evaluate", "perplexity", "probe", "evaluate_final")]
         probe = f"{_f(r['probe_last'][0])} / {_f(r['probe_last'][1])}" if r["probe_last"] else "-"
         lines.append(" | ".join([
-            f"| {r['editor']}", str(r["batch_size"]), " / ".join(near(k) for k in (1, 10, 100, r["n_edits"])),
+            f"| {r['editor']}", str(r["batch_size"]), " / ".join(f"{at[n]:.3f}" if n in at else "-" for n in shown),
             str(r["edits_to_collapse"] or "none"), f"{_f(r['es_immediate'])} / {r['es_final']}", r["ps_final"],
             r["ns_final"], "n/a" if r["norm_growth"] is None else f"x{r['norm_growth']:.3f}", probe,
             " + ".join(f"{x:.2f}" for x in parts) + f" = {sum(s.values()):.2f}", f"{r['peak_rss_gb']:.2f} GB |"]))

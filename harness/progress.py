@@ -103,7 +103,8 @@ class Progress:
         bar = _Bar(heartbeat=heartbeat if every_s else None)
         yield bar
         dt = time.perf_counter() - t0
-        rate = f", {bar.n / dt:,.0f} {unit}/s" if bar.n and dt > 0 else ""
+        per_s = bar.n / dt if bar.n and dt > 0 else 0.0
+        rate = "" if not per_s else f", {per_s:,.0f} {unit}/s" if per_s >= 10 else f", {per_s * 60:,.1f} {unit}/min"
         self.line(f"{desc}: done in {_duration(dt)}{rate}")
 
 

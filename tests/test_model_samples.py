@@ -182,4 +182,4 @@ def test_a_long_step_says_how_far_it_is_now_and_then(monkeypatch):
     # t=10: 100 edits, under a minute since the start: quiet; t=70: 200 edits in 70 s -> a line; t=80: quiet
     assert lines[1] == "harness: sequential memit: 300/1,000 edits (171.4 edits/min, about 4 min 5 s left)"
     assert lines[2] == "harness: sequential memit: 500/1,000 edits (120.0 edits/min, about 4 min 10 s left)"
-    assert lines[3].startswith("harness: sequential memit: done in 3 min 20 s") and len(lines) == 4
+    assert lines[3] == "harness: sequential memit: done in 3 min 20 s, 120.0 edits/min" and len(lines) == 4

@@ -403,10 +403,10 @@ def plot_probe(records: list[dict], editors: list[str]) -> Figure | None:
     colour = {e: f"C{i % 10}" for i, e in enumerate(e for e in editors)}
     seen = set()
     for editor, tf, wild in curves:
-        for pts, style, kind in ((tf, "-", "teacher-forced"), (wild, "--", "WILD")):
+        for pts, style, kind in ((tf, "-", "TF"), (wild, "--", "WILD")):
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                label = safe_label(f"{editor} {kind}")
+                label = safe_label(f"{editor}-{kind}")
                 ax.plot(xs, ys, style, marker=".", color=colour.get(editor, "C0"),
                         label=label if label not in seen else "_nolegend_")
                 seen.add(label)
