@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .data import DataError, EditCase, default_ppl_corpus, default_stats_corpus, load_cases, load_texts, resolve_data_dir
+from .data import (DataError, EditCase, default_ppl_corpus, default_stats_corpus, load_cases, load_texts,
+                   resolve_data_dir)
 from .data.pool import default_train_pool
 from .data.resolved import Resolved, cases_resolved, resolve_texts, stats_resolved
 from .editors import Editor, build_editor

@@ -7,9 +7,10 @@
 * **Ranking rule** (documented in the output): rows with fewer than ``min_n`` cases are listed but not ranked.
   The others are ranked first by collapse, then by score: an editor with no collapsed case ranks above every
   editor with one, and among editors that collapsed fewer collapsed cases rank higher; ties in collapse are
-  broken by the score (descending), then by the perplexity ratio's mean (ascending: less damage first), then by n. A case is collapsed when its ppl_ratio reached its run's collapse
-  threshold or is not a finite number (NaN, written null: the suites count it as collapse too) or its sequential
-  stream recorded edits_to_collapse. So a collapse can never be bought back by efficacy, nor hidden by a NaN.
+  broken by the score (descending), then by the perplexity ratio's mean (ascending: less damage first), then by n.
+  A case is collapsed when its ppl_ratio reached its run's collapse threshold or is not a finite number (NaN,
+  written null: the suites count it as collapse too) or its sequential stream recorded edits_to_collapse. So a
+  collapse can never be bought back by efficacy, nor hidden by a NaN.
   Editor aliases (``ft``) share their canonical editor's row (``ft_l``).
 * **Score.** The first of :data:`RANK_BY` the table's records carry (``rome_score``: the per-case harmonic mean of
   efficacy, generalization and locality), else the first headline metric with a direction.
@@ -54,7 +55,8 @@ RULE = ("Ranking: editors with fewer than {min_n} cases are listed but not ranke
         "its edits: one stream of 5 edits is 5 cases for this rule, n = 1 for its intervals); the others rank first by "
         "collapse (no collapsed case above any collapsed case, fewer collapsed cases above more; a case is collapsed "
         "when its perplexity ratio reached the run's collapse threshold or is not a number, or its sequential stream "
-        "collapsed), then by score (descending), then by perplexity ratio (ascending), then n. Cells: mean [95% bootstrap CI over cases]; timings: median.")
+        "collapsed), then by score (descending), then by perplexity ratio (ascending), then n. Cells: mean [95% "
+        "bootstrap CI over cases]; timings: median.")
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[dict]:
@@ -303,7 +305,8 @@ def write_leaderboard(runs: list[dict], out_dir: str | Path, min_n: int = DEFAUL
     html = template_env().get_template("leaderboard.html.j2").render(
         rule=RULE.format(min_n=min_n),
         tables=[{"title": t.title, "headers": _headers(t),
-                 "tooltips": ["", "", "cases (records) aggregated; a stream suite: streams (their edits)", "runs pooled", "collapsed cases",
+                 "tooltips": ["", "", "cases (records) aggregated; a stream suite: streams (their edits)",
+                              "runs pooled", "collapsed cases",
                               metric_spec(t.score_metric).tooltip if t.score_metric else "",
                               *[metric_spec(c).tooltip for c in t.columns]],
                  "rows": [{"cells": _cells(t, r), "ranked": r.ranked, "collapsed": r.collapsed} for r in t.rows],
