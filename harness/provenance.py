@@ -250,9 +250,6 @@ def collect(session: Any, model: dict[str, Any] | None = None,
                                     built.get(name), files.get(name)) for name in o.editors}
     out = {"harness": harness_provenance(), "editors": editors, "dataset": _session_dataset(session),
            "corpora": _session_corpora(session), "seeds": _session_seeds(session, editors)}
-    stream = _held(session).get("stream")
-    if stream is not None:                           # the sequential suite's --seq-edits cases, when they differ
-        out["stream"] = stream.record()
     adapter = getattr(lm, "adapter", None)
     if hasattr(adapter, "describe"):                 # the edited modules and how they were found (table/structure)
         out["architecture"] = adapter.describe()

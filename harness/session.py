@@ -215,9 +215,6 @@ class HarnessSession:
         error, never a shorter stream than the one asked for."""
         n = self.options.seq_edits
         cases = self.cases(spec, limit=n)
-        if spec is None:                   # provenance: the stream's cases, beside --cases' (the "dataset" record)
-            self.resolved["stream"] = cases_resolved(self.dataset_name(), self.options.data_dir, cases,
-                                                     requested=self.options.dataset)
         if len(cases) < n:
             name = spec or self.dataset_name()
             raise DataError(f"--seq-edits {n}: dataset {name!r} has only {len(cases)} usable cases; ask for at most "
