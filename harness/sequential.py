@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .data.case import EditCase
-from .data.resolved import cases_digest, cases_resolved, key_parts, stats_resolved, texts_digest, texts_resolved  # noqa: F401,E501
+from .data.resolved import cases_digest, cases_resolved, content_digest as _digest, key_parts, stats_resolved, texts_digest, texts_resolved  # noqa: F401,E501
 from .editors.base import Editor
 from .metrics import counterfact_metrics
 from .metrics.norms import l1_norm, norm_growth, total_l1, weight_norms
@@ -220,11 +220,6 @@ def _content_digest(obj: Any) -> str:
             h.update(f"{type(x).__name__}:{x!r};".encode())
     feed(obj)
     return h.hexdigest()
-
-
-def _digest(obj: Any) -> str:
-    """SHA-256 of a JSON rendering of ``obj`` (keys sorted; what JSON cannot hold, as its str)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def run_key_parts(lm: LoadedModel, editor: Editor, cases: Sequence[EditCase], *, batch_size: int,
@@ -472,7 +467,7 @@ class SequentialRun:
             with timer.phase("evaluate"):
                 scores = [counterfact_metrics(lm.model, lm.tokenizer, c, prefix=edit.prompt_prefix) for c in batch]
             ppl = None
-            if any(n_edits - len(batch) < p <= n_edits for p in self.ppl_points):   # a point in this batch
+            if _in_batch(self.ppl_points, n_edits, len(batch)):
                 with timer.phase("perplexity"):
                     ppl = self.perplexity()
             step = {"n_edits": n_edits, "case_ids": [c.case_id for c in batch], "ppl": ppl,
@@ -482,7 +477,7 @@ class SequentialRun:
             if self.wild:
                 with timer.phase("wild"):
                     step["wild_efficacy"] = [w.contains for w in _wild_rewrite(lm, batch, edit.prompt_prefix)]
-            if any(n_edits - len(batch) < p <= n_edits for p in self.probe_points):
+            if _in_batch(self.probe_points, n_edits, len(batch)):
                 with timer.phase("probe"):
                     step["probe"] = self._probe(n_edits, edit.prompt_prefix)
             if edit.prompt_prefix:
@@ -515,6 +510,11 @@ class SequentialRun:
         wild = _wild_rewrite(self.lm, sample, prefix)
         return {"case_ids": [c.case_id for c in sample], "tf_efficacy": tf, "tf_acc": acc,
                 "wild_contains": [float(w.contains) for w in wild], "wild_em": [float(w.exact) for w in wild]}
+
+
+def _in_batch(points: set[int], n_edits: int, size: int) -> bool:
+    """A scheduled edit count falls within the batch of ``size`` edits that brought the stream to ``n_edits``."""
+    return any(n_edits - size < p <= n_edits for p in points)
 
 
 def _wild_rewrite(lm: LoadedModel, cases: Sequence[EditCase], prefix: str) -> list:

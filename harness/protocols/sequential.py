@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 from ..editing import guarded
 from ..metrics.perplexity import PREFIXED, PROTOCOLS as PPL
 from ..metrics.wild import PROTOCOL as WILD_PROTOCOL
-from ..data.resolved import cases_digest
 from ..sequential import SequentialRun
 from .base import Measurement
 
@@ -61,7 +60,8 @@ def sequential(session: HarnessSession, editor: Editor, cases: Sequence[EditCase
     info = {"resumed_from": result.resumed_from, "batch_size": o.batch_size, "ppl_schedule": o.ppl_schedule,
             # the stream's own cases (the run's provenance records --cases' cases): how many, which, their content
             "stream_cases": {"n": len(cases), "first": cases[0].case_id if cases else None,
-                             "last": cases[-1].case_id if cases else None, "content_sha256": cases_digest(cases)},
+                             "last": cases[-1].case_id if cases else None,
+                             "content_sha256": run.key_parts.get("cases")},   # digested once, for the resume key
             **({"probe_every": o.probe_every, "probe_size": o.probe_size} if o.probe_every else {})}
     protocols = dict(PROTOCOLS)
     if run.prompt_prefix:            # an in-context editor: every score and perplexity after its growing prefix
