@@ -91,7 +91,7 @@ def test_resume_after_crash_between_append_and_checkpoint(seq_setup, tmp_path, m
     assert len(run.journal.read_text().splitlines()) == 3  # 2 checkpointed edits + 1 journaled after
     with pytest.warns(UserWarning, match="journaled after the last checkpoint are replayed"):
         result = run.run(PhaseTimer("cpu"))
-    assert result.resumed_from == 2
+    assert result.resumed_from == result.resumed_edits == 2
     assert _records(result) == _records(reference)
     assert [n for n, _ in result.ppl_curve()] == [0, 1, 2, 3, 4]
     assert [json.loads(x)["n_edits"] for x in run.journal.read_text().splitlines()] == [1, 2, 3, 4]
@@ -110,7 +110,7 @@ def test_resume_after_lost_journal_line(seq_setup, tmp_path, monkeypatch):
     run.journal.write_text(lines[0] + "\n" + lines[1][:17])          # line 2 cut mid-write, line 3 lost
     with pytest.warns(UserWarning, match="1 journal line.s. lost; restored from"):
         result = run.run(PhaseTimer("cpu"))
-    assert result.resumed_from == 2
+    assert result.resumed_from == result.resumed_edits == 2
     assert _records(result) == _records(reference)
 
 

@@ -72,7 +72,7 @@ def test_sequential_stream_is_restored(h):
     assert m.metrics["ppl_curve"][0][1] == h.base_perplexity().mean_ppl
     assert m.metrics["ppl_ratio"] == pytest.approx(m.metrics["ppl_curve"][-1][1] / m.metrics["ppl_curve"][0][1])
     stream = m.info.pop("stream_cases")
-    assert m.info == {"resumed_from": 0, "batch_size": 1, "ppl_schedule": "every"}
+    assert m.info == {"resumed_from": 0, "resumed_edits": 0, "batch_size": 1, "ppl_schedule": "every"}
     assert stream["n"] == 2 and len(stream["content_sha256"]) == 64
     assert any((Path(h.options.report_dir) / "sequential").glob("rome-*.jsonl"))
     # the first edit's immediate efficacy equals a single edit of that case scored by hand
