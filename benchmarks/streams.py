@@ -33,7 +33,9 @@ def _f(x, digits: int = 2) -> str:
 
 def _ci(m: dict, name: str, digits: int = 3) -> str:
     value, ci = m.get(f"{name}_final"), (m.get("final_ci") or {}).get(name)
-    return f"{_f(value, digits)} [{_f(ci[0], digits)}, {_f(ci[1], digits)}]" if ci and None not in ci else _f(value, digits)
+    if not ci or None in ci:
+        return _f(value, digits)
+    return f"{_f(value, digits)} [{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
 
 
 PROBE = ("probe_tf_efficacy", "probe_tf_acc", "probe_wild_efficacy", "probe_wild_em")
@@ -65,10 +67,10 @@ def _resumed_edits(info: dict, n: int) -> int:
     return min(int(info.get("resumed_from") or 0) * int(info.get("batch_size") or 1), n)
 
 
-def _per_edit(timings: dict, n: int, resumed_from: int) -> dict[str, float]:
-    """Seconds per edit by phase. A resumed run's timer saw only the edits made after ``resumed_from``, so the
-    per-edit phases are divided by those; the final re-scoring (and restore) covered the whole stream."""
-    made = max(n - resumed_from, 1)
+def _per_edit(timings: dict, n: int, resumed_edits: int) -> dict[str, float]:
+    """Seconds per edit by phase. A resumed run's timer saw only the edits made after its first ``resumed_edits``,
+    so the per-edit phases are divided by those; the final re-scoring (and restore) covered the whole stream."""
+    made = max(n - resumed_edits, 1)
     return {k: v / (n if k in ("evaluate_final", "restore") else made)
             for k, v in timings.items() if isinstance(v, (int, float))}
 

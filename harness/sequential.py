@@ -87,9 +87,13 @@ class SequentialResult:
     ppl_base: float = float("nan")
     final: dict[str, dict[str, Any]] = field(default_factory=dict)  # case_id -> scores after the last edit
     resumed_from: int = 0             # journal steps (editor calls) made before this process, replayed
-    resumed_edits: int = 0            # the edits in them (resumed_from x the batch size, the last batch aside)
     l1_before: float = float("nan")   # sum |W| over the edited weights, unedited model (D4S's L1 norm)
     l1_after: float = float("nan")    # the same after the last edit
+
+    @property
+    def resumed_edits(self) -> int:
+        """The edits in the ``resumed_from`` replayed steps (a step is one editor call: a batch)."""
+        return sum(len(s["case_ids"]) for s in self.steps[:self.resumed_from])
 
     def ppl_curve(self) -> list[list[float]]:
         return [[0, self.ppl_base]] + [[s["n_edits"], s["ppl"]] for s in self.steps if s.get("ppl") is not None]
@@ -437,7 +441,6 @@ class SequentialRun:
         steps = [json.loads(line) for line in lines]
         self.prompt_prefix = steps[-1].get("prompt_prefix", "") if steps else ""
         n_edits = sum(len(s["case_ids"]) for s in steps)
-        result.resumed_edits = n_edits
         progress = self.progress if isinstance(self.progress, Progress) else Progress(enabled=bool(self.progress))
         with progress.step(f"sequential {self.editor.name}", total=len(self.cases), unit="edits", initial=n_edits,
                            every_s=60.0) as bar:

@@ -57,7 +57,8 @@ def sequential(session: HarnessSession, editor: Editor, cases: Sequence[EditCase
     with guarded(lm, editor, f"the sequential run of {editor.name}"):
         result = run.run(timer)
     metrics = result.metrics(session.thresholds.collapse_ppl_ratio)
-    info = {"resumed_from": result.resumed_from, "resumed_edits": result.resumed_edits, "batch_size": o.batch_size, "ppl_schedule": o.ppl_schedule,
+    info = {"resumed_from": result.resumed_from, "resumed_edits": result.resumed_edits, "batch_size": o.batch_size,
+            "ppl_schedule": o.ppl_schedule,
             # the stream's own cases (the run's provenance records --cases' cases): how many, which, their content
             "stream_cases": {"n": len(cases), "first": cases[0].case_id if cases else None,
                              "last": cases[-1].case_id if cases else None,
